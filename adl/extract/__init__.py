@@ -1,0 +1,1 @@
+"""Stage one: run the backbone once and write the cache (never imports adl.train)."""

@@ -1,0 +1,1 @@
+"""Stage two: heads trained from the cache only (never imports adl.extract)."""

@@ -1,0 +1,430 @@
+"""Heads that map a frozen model's per-layer hidden states to task logits.
+
+Inputs come from the cache, batched by the trainer:
+
+- tokens view: ``z`` (B, T, L, D) float, zero-padded, with ``mask`` (B, T) bool, True on real tokens;
+- pooled view: ``z`` (B, L, D), ``mask`` None.
+
+Every head takes ``forward(z, mask)`` and returns (B, n_classes) for sequence tasks or
+(B, T, n_classes) for token tasks. Every head exposes ``weights()`` -> (L,) (the layer weights it
+uses, so the trainer logs them uniformly) and ``entropy()`` -> scalar (0 where there is no mix).
+Sequence heads other than ``AdaLayersHead`` mean-pool a tokens view over real tokens first.
+
+A head is rebuilt from ``head.spec`` (JSON-ready: name + constructor kwargs) by ``head_from_spec``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adl.errors import AdlError
+
+TASKS = ("sequence", "token")
+
+
+def _spec(name: str, args: dict) -> dict:
+    """The constructor arguments (``locals()`` at the top of ``__init__``) as a JSON-ready spec
+    (numpy scalars become Python numbers via ``tolist``)."""
+    args = {k: getattr(v, "tolist", lambda v=v: v)() for k, v in args.items() if k not in ("self", "__class__")}
+    return {"name": name, **args}
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise AdlError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+
+
+def _layer_index(layer: int, n_layers: int) -> int:
+    """Normalise a layer index in [-L, L) to [0, L)."""
+    if not -n_layers <= layer < n_layers:
+        raise AdlError(f"layer {layer} is out of range for {n_layers} hidden states; use 0..{n_layers - 1}")
+    return int(layer) % n_layers
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """(B, T, ...) averaged over real tokens -> (B, ...). ``where`` keeps padding out even if it is NaN."""
+    m = mask.reshape(mask.shape + (1,) * (x.dim() - 2))
+    total = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(1)
+    return total / m.sum(1).clamp_min(1).to(x.dtype)
+
+
+def _task_input(z: Tensor, mask: Tensor | None, task: str) -> Tensor:
+    """Sequence task + tokens view -> pooled (B, L, D); token task needs the tokens view."""
+    if z.dim() == 4:
+        if task == "token":
+            return z
+        return masked_mean(z, mask) if mask is not None else z.mean(1)
+    if z.dim() == 3 and task == "sequence":
+        return z
+    raise AdlError(f"got hidden states of shape {tuple(z.shape)} for a {task} task; token tasks need the "
+                   "tokens view (B, T, L, D), sequence tasks the tokens view or a pooled view (B, L, D)")
+
+
+class LayerMix(nn.Module):
+    """f_i = N(GELU(Z_i) W_i^T), w = cutoff(softmax(alpha*p), c), F = sum_i w_i f_i.
+
+    Shapes: Z (..., L, D) -> F (..., k). ``W`` is one (L, k, D) parameter without bias; N is a
+    layer norm over k (no affine parameters unless ``norm_affine``, then per-layer gamma/beta).
+    ``p`` (L,) starts at zeros (uniform mix); ``layers_trainable=False`` freezes it (uniform mix).
+
+    Cutoff: entries of s = softmax(alpha*p) with s_i <= c are dropped and the rest renormalised,
+    which equals a softmax of alpha*p over the kept layers only. It is computed that way (the
+    pruned logits masked to -inf), with no host sync. If every entry would be cut, the largest is
+    kept. Gradients: the renormalised weights of the kept layers do not depend on a pruned p_i
+    (the softmax normaliser cancels), so the task loss gives a pruned p_i exactly zero gradient
+    and its projection W_i none either. The mask is recomputed from p on every call, so a pruned
+    layer comes back as soon as s_i rises above c again: through the entropy term (it acts on the
+    pre-cutoff softmax, so every p_i gets gradient), through weight decay on p, or because the
+    kept logits move (e.g. become more equal, which lowers their log-sum-exp and raises s_i).
+
+    ``fixed_layer=i`` is the single-layer baseline: w is one-hot on i, p is unused and frozen,
+    but W_i IS trained (the reference code ran this under no_grad: a random projection).
+    """
+
+    def __init__(self, n_layers: int, in_dim: int, k: int, *, alpha: float = 1.0, cutoff: float = 0.0,
+                 norm_affine: bool = False, activation: bool = True, layers_trainable: bool = True,
+                 fixed_layer: int | None = None):
+        super().__init__()
+        if n_layers < 1 or in_dim < 1 or k < 1:
+            raise AdlError(f"LayerMix needs n_layers, in_dim and k >= 1 (got {n_layers}, {in_dim}, {k}); fix the head size")
+        if not 0.0 <= cutoff < 1.0:
+            raise AdlError(f"cutoff must be in [0, 1) (got {cutoff}); e.g. --cutoff 0.005")
+        if alpha <= 0:
+            raise AdlError(f"alpha must be > 0 (got {alpha}); e.g. --alpha 70")
+        self.n_layers, self.in_dim, self.k = n_layers, in_dim, k
+        self.alpha, self.cutoff, self.activation = float(alpha), float(cutoff), activation
+        self.fixed_layer = None if fixed_layer is None else _layer_index(fixed_layer, n_layers)
+        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default init, per layer
+        self.W = nn.Parameter(torch.empty(n_layers, k, in_dim).uniform_(-bound, bound))
+        self.p = nn.Parameter(torch.zeros(n_layers), requires_grad=layers_trainable and fixed_layer is None)
+        self.gamma = nn.Parameter(torch.ones(n_layers, k)) if norm_affine else None
+        self.beta = nn.Parameter(torch.zeros(n_layers, k)) if norm_affine else None
+        if self.fixed_layer is not None:
+            self.register_buffer("one_hot", F.one_hot(torch.tensor(self.fixed_layer), n_layers).float(),
+                                 persistent=False)
+
+    def raw_weights(self) -> Tensor:
+        """(L,) softmax(alpha*p) before the cutoff (the one-hot for a fixed layer)."""
+        if self.fixed_layer is not None:
+            return self.one_hot
+        return torch.softmax(self.alpha * self.p, dim=0)
+
+    def weights(self) -> Tensor:
+        """(L,) mixing weights after cutoff + renormalisation; sums to 1, no host sync."""
+        if self.fixed_layer is not None:
+            return self.one_hot
+        logits = self.alpha * self.p
+        s = torch.softmax(logits, dim=0)
+        keep = (s > self.cutoff) | (s == s.max())
+        return torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=0)
+
+    def entropy(self) -> Tensor:
+        """-sum_i s_i log s_i of the pre-cutoff softmax, SUMMED over layers (in [0, log L]).
+
+        The reference code averaged over layers, i.e. its lambda was effectively divided by L:
+        its lambda corresponds to lambda / L here.
+        """
+        if self.fixed_layer is not None:
+            return self.p.new_zeros(())
+        log_s = torch.log_softmax(self.alpha * self.p, dim=0)
+        return -(log_s.exp() * log_s).sum()
+
+    def active_layers(self) -> list[int]:
+        """Indices of layers with nonzero weight (host sync: for reporting and inference plans)."""
+        return torch.nonzero(self.weights() > 0).flatten().tolist()
+
+    def _project(self, z: Tensor, W: Tensor, gamma: Tensor | None, beta: Tensor | None) -> Tensor:
+        """(..., L', D) with W (L', k, D) -> normalised per-layer features (..., L', k)."""
+        h = F.gelu(z) if self.activation else z
+        f = F.layer_norm(torch.einsum("...ld,lkd->...lk", h, W), (self.k,))
+        return f * gamma + beta if gamma is not None else f
+
+    def forward(self, z: Tensor) -> Tensor:
+        """(..., L, D) -> (..., k)."""
+        if tuple(z.shape[-2:]) != (self.n_layers, self.in_dim):
+            raise AdlError(f"head expects {self.n_layers} hidden states of width {self.in_dim}, got shape "
+                           f"{tuple(z.shape)}; build the head from this cache's manifest")
+        if self.fixed_layer is not None:  # only the chosen layer's projection is computed
+            i = slice(self.fixed_layer, self.fixed_layer + 1)
+            g, b = (self.gamma[i], self.beta[i]) if self.gamma is not None else (None, None)
+            return self._project(z[..., i, :], self.W[i], g, b).squeeze(-2)
+        f = self._project(z, self.W, self.gamma, self.beta)  # (..., L, k)
+        return torch.einsum("...lk,l->...k", f, self.weights())
+
+
+def sinusoidal_positions(max_len: int, dim: int) -> Tensor:
+    """(max_len, dim) fixed sin/cos positional embeddings (Vaswani et al.)."""
+    pos = torch.arange(max_len, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(max_len, dim)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
+    return pe
+
+
+class _MixHead(nn.Module):
+    """Shared reporting for heads built on a ``LayerMix`` (attribute ``mix``)."""
+
+    def weights(self) -> Tensor:
+        return self.mix.weights()
+
+    def raw_weights(self) -> Tensor:
+        return self.mix.raw_weights()
+
+    def entropy(self) -> Tensor:
+        return self.mix.entropy()
+
+    def active_layers(self) -> list[int]:
+        return self.mix.active_layers()
+
+
+class AdaLayersHead(_MixHead):
+    """LayerMix -> (+ positional embeddings) -> dropout -> task block -> linear.
+
+    sequence: F (B, T, k) -> MultiheadAttention(k, heads) with key padding mask (+ F if
+      ``residual``; off by default, as in the thesis) -> masked mean over T -> Linear(k, C).
+    token: ``layers_enc`` pre-LN TransformerEncoderLayers (norm_first, final LayerNorm) with the
+      padding mask -> Linear(k, C) per token.
+    ``pos_emb`` adds fixed sinusoidal positions (T <= max_len). ``post_gelu`` applies the
+    reference code's extra GELU after the mix (not in the thesis formula; off by default). The
+    reference also ran its attention block twice with GELUs around it; that is not repeated here.
+    Padded positions are zeroed after the mix, so their contents never reach real outputs.
+    """
+
+    def __init__(self, n_layers: int, in_dim: int, n_classes: int, *, task: str, k: int = 64,
+                 alpha: float = 70.0, cutoff: float = 0.005, dropout: float = 0.3, heads: int = 16,
+                 pos_emb: bool = False, max_len: int = 512, layers_enc: int = 1, ff: int = 2048,
+                 norm_affine: bool = False, post_gelu: bool = False, residual: bool = False,
+                 fixed_layer: int | None = None):
+        super().__init__()
+        self.spec = _spec("adalayers" if fixed_layer is None else "single-layer", locals())
+        _check_task(task)
+        self.task, self.post_gelu, self.residual = task, post_gelu, residual
+        self.mix = LayerMix(n_layers, in_dim, k, alpha=alpha, cutoff=cutoff, norm_affine=norm_affine,
+                            fixed_layer=fixed_layer)
+        if heads < 1 or k % heads:
+            fix = f"e.g. k={heads * math.ceil(k / heads)}" if heads >= 1 else "heads must be >= 1"
+            raise AdlError(f"k={k} is not divisible by heads={heads}; make k a multiple of heads ({fix})")
+        if pos_emb:
+            self.register_buffer("pos", sinusoidal_positions(max_len, k), persistent=False)
+        else:
+            self.pos = None
+        self.dropout = nn.Dropout(dropout)
+        if task == "sequence":
+            self.attn = nn.MultiheadAttention(k, heads, dropout=dropout, batch_first=True)
+        else:
+            layer = nn.TransformerEncoderLayer(k, heads, ff, dropout, activation="gelu",
+                                               batch_first=True, norm_first=True)
+            self.encoder = nn.TransformerEncoder(layer, layers_enc, norm=nn.LayerNorm(k),
+                                                 enable_nested_tensor=False)
+        self.out = nn.Linear(k, n_classes)
+
+    def forward(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
+        """z (B, T, L, D), mask (B, T) -> (B, C) for sequence, (B, T, C) for token tasks."""
+        if z.dim() != 4:
+            raise AdlError(f"adalayers needs the tokens view (B, T, L, D), got shape {tuple(z.shape)}; "
+                           "use head adalayers-pooled for a pooled view")
+        B, T = z.shape[:2]
+        mask = torch.ones(B, T, dtype=torch.bool, device=z.device) if mask is None else mask.bool()
+        x = self.mix(z)  # (B, T, k)
+        if self.post_gelu:
+            x = F.gelu(x)
+        if self.pos is not None:
+            if T > self.pos.shape[0]:
+                raise AdlError(f"sequence length {T} exceeds max_len={self.pos.shape[0]}; raise max_len")
+            x = x + self.pos[:T]
+        x = self.dropout(x.masked_fill(~mask[..., None], 0.0))
+        if self.task == "sequence":
+            a, _ = self.attn(x, x, x, key_padding_mask=~mask, need_weights=False)
+            return self.out(masked_mean(a + x if self.residual else a, mask))
+        return self.out(self.encoder(x, src_key_padding_mask=~mask))
+
+
+class PooledHead(_MixHead):
+    """"adalayers-pooled": LayerMix on (B, L, D) -> Linear(k, hidden) -> GELU -> dropout -> Linear(hidden, C).
+
+    Sequence tasks only; a tokens view is mean-pooled over real tokens before the mix.
+    """
+
+    def __init__(self, n_layers: int, in_dim: int, n_classes: int, *, task: str = "sequence", k: int = 64,
+                 alpha: float = 70.0, cutoff: float = 0.005, hidden: int = 256, dropout: float = 0.3,
+                 norm_affine: bool = False, post_gelu: bool = False, fixed_layer: int | None = None):
+        super().__init__()
+        self.spec = _spec("adalayers-pooled", locals())
+        _check_task(task)
+        if task != "sequence":
+            raise AdlError("adalayers-pooled handles sequence tasks only; use head adalayers for token tasks")
+        self.task, self.post_gelu = task, post_gelu
+        self.mix = LayerMix(n_layers, in_dim, k, alpha=alpha, cutoff=cutoff, norm_affine=norm_affine,
+                            fixed_layer=fixed_layer)
+        self.mlp = nn.Sequential(nn.Linear(k, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes))
+
+    def forward(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(B, L, D) or (B, T, L, D) + mask -> (B, C)."""
+        x = self.mix(_task_input(z, mask, self.task))
+        return self.mlp(F.gelu(x) if self.post_gelu else x)
+
+
+class ScalarMix(nn.Module):
+    """ELMo scalar mix: gamma * sum_i softmax(s)_i z_i (no projection), then Linear(D, C).
+
+    (..., L, D) -> (..., D) -> (..., C); sequence tasks pool a tokens view first.
+    """
+
+    def __init__(self, n_layers: int, in_dim: int, n_classes: int, *, task: str, dropout: float = 0.0):
+        super().__init__()
+        self.spec = _spec("scalar-mix", locals())
+        _check_task(task)
+        self.task, self.n_layers = task, n_layers
+        self.s = nn.Parameter(torch.zeros(n_layers))
+        self.gamma = nn.Parameter(torch.ones(()))
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(in_dim, n_classes)
+
+    def weights(self) -> Tensor:
+        return torch.softmax(self.s, dim=0)
+
+    def entropy(self) -> Tensor:
+        log_w = torch.log_softmax(self.s, dim=0)
+        return -(log_w.exp() * log_w).sum()
+
+    def forward(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
+        z = _task_input(z, mask, self.task)
+        mixed = self.gamma * torch.einsum("...ld,l->...d", z, self.weights())
+        return self.out(self.dropout(mixed))
+
+
+class LinearProbe(nn.Module):
+    """Linear probe on one layer: z[..., layer, :] (B, D) or (B, T, D) -> Linear(D, C)."""
+
+    def __init__(self, n_layers: int, in_dim: int, n_classes: int, *, task: str, layer: int = -1,
+                 dropout: float = 0.0):
+        layer = _layer_index(layer, n_layers)
+        super().__init__()
+        self.spec = _spec("last-layer" if layer == n_layers - 1 else "linear-probe", locals())
+        _check_task(task)
+        self.task, self.layer = task, layer
+        self.register_buffer("one_hot", F.one_hot(torch.tensor(layer), n_layers).float(), persistent=False)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(in_dim, n_classes)
+
+    def weights(self) -> Tensor:
+        return self.one_hot
+
+    def entropy(self) -> Tensor:
+        return self.one_hot.new_zeros(())
+
+    def forward(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.out(self.dropout(_task_input(z, mask, self.task)[..., self.layer, :]))
+
+
+class Head2Toe(nn.Module):
+    """Head2Toe: Linear over concatenated per-layer-normalised features (..., L'*D) -> (..., C).
+
+    Each layer's (pooled, for sequence tasks) vector is layer-normalised over D without affine
+    parameters so layers of different scale compete fairly in the group lasso
+    ``group_lasso() = sum_l ||W[:, group l]||_2``. Selection: train with the lasso, take
+    ``select_layers(fraction)``, retrain a new Head2Toe with ``layers=`` that subset.
+    """
+
+    def __init__(self, n_layers: int, in_dim: int, n_classes: int, *, task: str,
+                 layers: list[int] | None = None):
+        if layers is not None:
+            layers = sorted({_layer_index(i, n_layers) for i in layers})
+            if not layers:
+                raise AdlError("head2toe layers= is empty; give at least one layer index or omit it")
+        super().__init__()
+        self.spec = _spec("head2toe", locals())
+        _check_task(task)
+        self.task, self.n_layers, self.in_dim = task, n_layers, in_dim
+        self.layers = list(range(n_layers)) if layers is None else layers
+        self.register_buffer("index", torch.tensor(self.layers), persistent=False)
+        self.out = nn.Linear(len(self.layers) * in_dim, n_classes)
+
+    def group_norms(self) -> Tensor:
+        """(L,) Frobenius norm of each layer's block of W (zero for layers not used)."""
+        w = self.out.weight.reshape(self.out.out_features, len(self.layers), self.in_dim)
+        norms = w.square().sum(dim=(0, 2)).add(1e-12).sqrt()  # eps keeps the gradient finite at 0
+        return torch.zeros(self.n_layers, dtype=norms.dtype, device=norms.device).index_put((self.index,), norms)
+
+    def group_lasso(self) -> Tensor:
+        return self.group_norms().sum()
+
+    def weights(self) -> Tensor:
+        g = self.group_norms()
+        return g / g.sum()
+
+    def entropy(self) -> Tensor:
+        return self.out.weight.new_zeros(())
+
+    def select_layers(self, fraction: float) -> list[int]:
+        """The top ceil(fraction * L') layers by group norm, sorted (host sync)."""
+        if not 0.0 < fraction <= 1.0:
+            raise AdlError(f"head2toe keep fraction must be in (0, 1] (got {fraction})")
+        n = max(1, math.ceil(fraction * len(self.layers)))
+        return sorted(torch.topk(self.group_norms(), n).indices.tolist())
+
+    def forward(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
+        z = _task_input(z, mask, self.task)
+        feats = F.layer_norm(z.index_select(-2, self.index), (self.in_dim,))  # (..., L', D)
+        return self.out(feats.flatten(-2))
+
+
+_CLASSES = {"adalayers": AdaLayersHead, "single-layer": AdaLayersHead, "adalayers-pooled": PooledHead,
+            "last-layer": LinearProbe, "linear-probe": LinearProbe, "scalar-mix": ScalarMix, "head2toe": Head2Toe}
+HEAD_NAMES = tuple(_CLASSES)
+_SHAPE_ARGS = ("n_layers", "in_dim", "n_classes", "task")
+_SET_BY_NAME = {"single-layer": "fixed_layer", "last-layer": "layer"}  # the factory sets these itself
+
+
+def head_hparams(name: str) -> tuple[str, ...]:
+    """The hyperparameters ``build_head(name, ...)`` accepts (besides n_layers, in_dim, n_classes, task)."""
+    if name not in _CLASSES:
+        raise AdlError(f"unknown head {name!r}; use one of {', '.join(HEAD_NAMES)}")
+    params = [p for p in inspect.signature(_CLASSES[name]).parameters if p not in _SHAPE_ARGS]
+    params = [p for p in params if p != _SET_BY_NAME.get(name)]
+    if name == "adalayers":
+        params.remove("fixed_layer")  # that is the single-layer head
+    return tuple(params) + (("layer",) if name == "single-layer" else ())
+
+
+def build_head(name: str, *, n_layers: int, in_dim: int, n_classes: int, task: str, **hparams) -> nn.Module:
+    """Build head ``name`` for a cache with ``n_layers`` hidden states of width ``in_dim``.
+
+    "single-layer" and "linear-probe" need ``layer=i``; "last-layer" probes layer L-1.
+    """
+    accepted = head_hparams(name)
+    unknown = sorted(set(hparams) - set(accepted))
+    if unknown:
+        raise AdlError(f"head {name} does not take {', '.join(unknown)}; it accepts: {', '.join(accepted)}")
+    if name in ("single-layer", "linear-probe") and "layer" not in hparams:
+        raise AdlError(f"head {name} needs layer=<index in 0..{n_layers - 1}> (e.g. --layer {n_layers - 1})")
+    if name == "single-layer":
+        hparams["fixed_layer"] = hparams.pop("layer")
+    if name == "last-layer":
+        hparams["layer"] = n_layers - 1
+    return _CLASSES[name](n_layers, in_dim, n_classes, task=task, **hparams)
+
+
+def head_spec(head: nn.Module) -> dict:
+    """The JSON-ready dict (name + constructor kwargs) that rebuilds ``head``."""
+    if not isinstance(getattr(head, "spec", None), dict):
+        raise AdlError(f"{type(head).__name__} has no spec; build heads with adl.train.heads.build_head")
+    return dict(head.spec)
+
+
+def head_from_spec(spec: dict) -> nn.Module:
+    """Rebuild a head (fresh parameters) from ``head_spec(head)``; load its state_dict afterwards."""
+    kwargs = dict(spec)
+    name = kwargs.pop("name", None)
+    if name not in _CLASSES:
+        raise AdlError(f"head spec names unknown head {name!r}; expected one of {', '.join(HEAD_NAMES)}")
+    try:
+        return _CLASSES[name](**kwargs)
+    except TypeError as e:
+        raise AdlError(f"head spec for {name} does not match this adl version ({e}); retrain the head") from None
