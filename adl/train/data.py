@@ -1,0 +1,221 @@
+"""Batches from the cache for the trainer: in memory when it fits, streamed in blocks when not.
+
+A batch is ``Batch(z, mask, y, index)``:
+
+    pooled view   z (B, L, D) float32, mask None,       y (B,)
+    tokens view   z (B, T, L, D) float32 zero-padded,   mask (B, T) bool (True = real token),
+                  y (B,) for sequence tasks, (B, T) for token tasks with -100 on padding and on
+                  positions that carry no word label (continuations, special tokens)
+
+Unlabeled sequence examples (label -1 in the cache) get y = -100, ignored by the loss.
+
+Memory. The pooled view (N, L, H) is loaded whole, onto the GPU when training on CUDA and it
+takes under half the free GPU memory. The tokens view of all splits is loaded whole when its
+float32 size sum_splits(total_tokens * L * D * 4) fits ``memory_gb``; otherwise every split is
+streamed in blocks of contiguous examples holding at most
+``block_tokens = max(memory_gb / 2 / (L * D * 4), longest example)`` tokens, so the resident
+data is bounded by
+
+    peak bytes ~= memory_gb / 2 (one float32 block) + memory_gb / 4 (its float16 read, transient)
+                  + B * T_max * L * D * 4 (one padded batch)
+
+i.e. about the budget plus one batch, whatever the cache size. Each epoch visits the blocks in
+a shuffled order and each block's examples in shuffled, length-bucketed batches (examples are
+pooled ``BUCKET`` batches at a time and sorted by length inside a pool, so padding stays small;
+the cache stores rows sorted by length, so contiguous blocks already group similar lengths).
+The order depends only on (seed, epoch): the same command gives the same batches. Evaluation
+(``epoch=None``) visits examples in cache order, so flattened token predictions line up with
+``cache.labels(split)``.
+
+On CUDA every batch is built in pinned host memory and copied with ``non_blocking=True``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from adl.errors import AdlError
+
+BUCKET = 32  # batches per length-sorting pool
+
+
+@dataclass
+class Batch:
+    z: Tensor
+    mask: Tensor | None
+    y: Tensor
+    index: np.ndarray  # (B,) example rows within the split
+
+
+class SplitData:
+    """One split of one cache view, ready to batch. ``labels`` are the cache's labels (numpy)."""
+
+    def __init__(self, cache, split: str, view: str, *, device: str, seed: int, block_tokens: int | None):
+        self.split, self.view, self.task, self.seed = split, view, cache.task, seed
+        self.device = torch.device(device)
+        self.labels = cache.labels(split)  # (N,) or flat (total_tokens,)
+        if view == "tokens":
+            self._values, self.offsets = cache.read(split, "tokens")
+            self.n = len(self.offsets) - 1
+            self.lengths = np.diff(self.offsets)
+            self.n_layers, self.dim = self._values.shape[1:]
+            self.blocks = _blocks(self.lengths, block_tokens or int(self.offsets[-1]))
+            self._resident = None  # the whole split as one float32 tensor, when loaded whole
+            if block_tokens is None:
+                self._resident = torch.from_numpy(np.asarray(self._values[:], np.float32))
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(cache.read(split, view)))  # (N, L, H)
+            self.n, self.n_layers, self.dim = x.shape
+            self.x = _place(x, self.device)
+            y = np.where(self.labels < 0, -100, self.labels)
+            self.y = torch.from_numpy(y).to(self.x.device)
+            self.offsets, self.lengths = None, None
+        if self.n == 0:
+            raise AdlError(f"split {split!r} of the cache is empty; re-extract with examples in it")
+
+    @property
+    def max_len(self) -> int:
+        return int(self.lengths.max()) if self.lengths is not None else 1
+
+    def batches(self, batch_size: int, epoch: int | None = None) -> Iterator[Batch]:
+        """All examples once: shuffled by (seed, epoch), or in cache order when ``epoch`` is None."""
+        rng = None if epoch is None else np.random.default_rng([self.seed, epoch])
+        if self.offsets is None:
+            yield from self._pooled_batches(batch_size, rng)
+            return
+        order = range(len(self.blocks)) if rng is None else rng.permutation(len(self.blocks))
+        for b in order:
+            a, e = self.blocks[b]
+            src, base = self._resident, 0
+            if src is None:  # streamed: read this block's rows only
+                base = int(self.offsets[a])
+                src = torch.from_numpy(self._values[base:int(self.offsets[e])])
+            for idx in _batch_indices(np.arange(a, e), self.lengths, batch_size, rng):
+                yield self._collate(src, base, idx)
+
+    def _pooled_batches(self, batch_size: int, rng) -> Iterator[Batch]:
+        order = np.arange(self.n) if rng is None else rng.permutation(self.n)
+        for s in range(0, self.n, batch_size):
+            idx = order[s:s + batch_size]
+            if rng is None:
+                sl = slice(int(idx[0]), int(idx[-1]) + 1)
+                z, y = self.x[sl], self.y[sl]
+            else:
+                t = torch.from_numpy(idx).to(self.x.device)
+                z, y = self.x[t], self.y[t]
+            yield Batch(_to(z, self.device), None, _to(y, self.device), idx)
+
+    def _collate(self, src: Tensor, base: int, idx: np.ndarray) -> Batch:
+        """Pad examples ``idx`` to z (B, T, L, D), mask (B, T), y; ``src`` holds rows from ``base``."""
+        lens = self.lengths[idx]
+        B, T = len(idx), int(lens.max())
+        b = np.repeat(np.arange(B), lens)  # batch slot of every real token
+        t = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)  # its position
+        rows = np.repeat(self.offsets[idx], lens) + t  # its row in the split
+        pin = self.device.type == "cuda"
+        z = torch.zeros((B, T, self.n_layers, self.dim), dtype=torch.float32, pin_memory=pin)
+        mask = torch.zeros((B, T), dtype=torch.bool, pin_memory=pin)
+        bt = (torch.from_numpy(b), torch.from_numpy(t))
+        z[bt] = src[torch.from_numpy(rows - base)]
+        mask[bt] = True
+        if self.task == "token":
+            y = torch.full((B, T), -100, dtype=torch.int64, pin_memory=pin)
+            y[bt] = torch.from_numpy(self.labels[rows])
+        else:
+            y = torch.from_numpy(np.where(self.labels[idx] < 0, -100, self.labels[idx]))
+        return Batch(_to(z, self.device), _to(mask, self.device), _to(y, self.device), idx)
+
+
+def _to(t: Tensor, device: torch.device) -> Tensor:
+    if t.device == device:
+        return t
+    return t.to(device, non_blocking=device.type == "cuda")
+
+
+def _place(x: Tensor, device: torch.device) -> Tensor:
+    """The pooled view on the GPU when it takes under half the free memory, else pinned on the host."""
+    if device.type != "cuda":
+        return x.to(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    return x.to(device) if x.numel() * 4 < free // 2 else x.pin_memory()
+
+
+def _blocks(lengths: np.ndarray, block_tokens: int) -> list[tuple[int, int]]:
+    """Contiguous example ranges [a, e) holding <= max(block_tokens, longest example) tokens each."""
+    cap = max(int(block_tokens), int(lengths.max()) if len(lengths) else 1)
+    blocks, a, used = [], 0, 0
+    for i, n in enumerate(lengths):
+        if used + n > cap and i > a:
+            blocks.append((a, i))
+            a, used = i, 0
+        used += int(n)
+    if a < len(lengths) or not blocks:
+        blocks.append((a, len(lengths)))
+    return blocks
+
+
+def _batch_indices(idx: np.ndarray, lengths: np.ndarray, batch_size: int, rng) -> list[np.ndarray]:
+    """Split ``idx`` into batches: in order when ``rng`` is None, else shuffled and length-bucketed."""
+    if rng is None:
+        return [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
+    idx = rng.permutation(idx)
+    out = []
+    pool = batch_size * BUCKET
+    for s in range(0, len(idx), pool):
+        chunk = idx[s:s + pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        out += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+@dataclass
+class TrainData:
+    """The splits a run uses, on one view. ``test`` is None when the cache has no labelled test split."""
+
+    train: SplitData
+    validation: SplitData
+    test: SplitData | None
+    view: str
+    task: str
+    label_names: list[str]
+    layers: list[int]
+
+    @property
+    def n_layers(self) -> int:
+        return self.train.n_layers
+
+    @property
+    def in_dim(self) -> int:
+        return self.train.dim
+
+    @property
+    def max_len(self) -> int:
+        return max(s.max_len for s in (self.train, self.validation, self.test) if s is not None)
+
+
+def load_data(cache, view: str, *, device: str, seed: int, memory_gb: float) -> TrainData:
+    """Open train / validation / (test) of ``view``; the tokens view streams beyond ``memory_gb``."""
+    for split in ("train", "validation"):
+        if split not in cache.splits:
+            raise AdlError(f"{cache.root} has no {split!r} split (it has {', '.join(cache.splits)}); "
+                           "re-extract with a validation split (adl extract carves one from train by default)")
+        if not cache.labeled(split):
+            raise AdlError(f"split {split!r} of {cache.root} is unlabeled; training needs labels there")
+    splits = ["train", "validation"] + (["test"] if "test" in cache.splits and cache.labeled("test") else [])
+    block_tokens = None
+    if view == "tokens":
+        L, D = len(cache.layers), int(cache.manifest["token_dim"])
+        total = sum(int(cache.offsets(s)[-1]) for s in splits) * L * D * 4
+        budget = memory_gb * 1e9
+        block_tokens = None if total <= budget else max(1, int(budget / 2 / (L * D * 4)))
+    parts = [SplitData(cache, s, view, device=device, seed=seed, block_tokens=block_tokens) for s in splits]
+    if parts[0].n_layers != len(cache.layers):
+        raise AdlError(f"{cache.root}: the {view} view holds {parts[0].n_layers} layers but the manifest lists "
+                       f"{len(cache.layers)}; the cache is inconsistent, re-extract it with --overwrite")
+    return TrainData(parts[0], parts[1], parts[2] if len(parts) > 2 else None, view, cache.task,
+                     cache.label_names, cache.layers)

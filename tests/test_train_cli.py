@@ -1,0 +1,122 @@
+"""`adl train` and `adl baselines` end to end through the real typer app on synthetic caches."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from adl.cache import open_cache
+from adl.cli import app
+from adl.train.data import load_data
+from adl.train.run import load_head
+from adl.train.trainer import predict, score
+from synthetic import write_synthetic_cache
+
+FAST = ["--k", "8", "--heads", "2", "--ff", "16", "--lr", "0.01", "--alpha", "10", "--max-epochs", "3"]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    return {"seq": write_synthetic_cache(d / "seq", n=(48, 16, 16)),
+            "ner": write_synthetic_cache(d / "ner", task="token", n=(48, 16, 16)),
+            "pooled": write_synthetic_cache(d / "pooled", views=("pooled:mean",), n=(16, 8, 8))}
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("name", ["seq", "ner"])
+def test_train_writes_a_run_that_rebuilds_without_the_cache(caches, tmp_path, name):
+    out = tmp_path / "run"
+    res = invoke("train", "--cache", caches[name], "--out", out, "--lambda", "0.02", *FAST)
+    assert res.exit_code == 0, res.output
+    assert "head: adalayers (picked" in res.output and "trainable parameters" in res.output
+    for f in ("config.json", "metrics.json", "history.csv", "head.safetensors", "head.json",
+              "layer_weights.png", "layer_weights_final.png"):
+        assert (out / f).is_file(), f
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["lam"] == 0.02 and config["config"]["head"] == "adalayers"
+    assert config["cache_hash"] == open_cache(caches[name]).hash and "adl_version" in config
+    metrics = json.loads((out / "metrics.json").read_text())
+    m = "f1" if name == "ner" else "accuracy"
+    assert metrics["metric"] == m and set(metrics) >= {"validation", "test", "active_layers", "params"}
+    assert ("per_type" if name == "ner" else "per_class") in metrics["test"]
+    with open(out / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and {"loss", f"val_{m}", "lr", "seconds", "w_0", "w_3"} <= set(rows[0])
+    assert abs(sum(float(rows[-1][f"w_{i}"]) for i in range(4)) - 1) < 1e-5
+    # the saved head alone reproduces the test metrics
+    head, info = load_head(out)
+    assert info["label_names"] == open_cache(caches[name]).label_names and info["layers"] == [0, 1, 2, 3]
+    data = load_data(open_cache(caches[name]), info["view"], device="cpu", seed=0, memory_gb=1.0)
+    assert score(predict(head, data.test, 8), data.test, info["label_names"]) == metrics["test"]
+
+
+def test_baselines_write_csv_and_chart(caches, tmp_path):
+    out = tmp_path / "base"
+    res = invoke("baselines", "--cache", caches["seq"], "--out", out, *FAST)
+    assert res.exit_code == 0, res.output
+    with open(out / "baselines.csv") as f:
+        rows = list(csv.DictReader(f))
+    names = [r["name"] for r in rows]
+    assert names == ["adalayers"] + ["single-layer"] * 4 + ["last-layer", "scalar-mix", "head2toe-lasso", "head2toe"] + ["hsv"] * 4
+    assert list(rows[0]) == ["name", "layer", "val_accuracy", "test_accuracy", "params", "seconds", "hsv"]
+    assert all(0 <= float(r["test_accuracy"]) <= 1 for r in rows if r["name"] != "hsv")
+    hsv = [float(r["hsv"]) for r in rows if r["name"] == "hsv"]
+    assert int(np.argmin(hsv)) == 2  # the signal layer is the best separated
+    assert (out / "baselines.png").is_file()
+
+
+def test_pooled_only_cache_picks_the_pooled_head(caches, tmp_path):
+    res = invoke("train", "--cache", caches["pooled"], "--out", tmp_path / "r", *FAST)
+    assert res.exit_code == 0, res.output
+    assert "head: adalayers-pooled (picked because the cache lacks a tokens view" in res.output
+
+
+def _one_error_line(res, fragment):
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error: ") and res.output.count("\n") == 1, res.output
+    assert fragment in res.output, res.output
+
+
+def test_bad_inputs_get_one_clear_line(caches, tmp_path):
+    _one_error_line(invoke("train", "--cache", caches["pooled"], "--head", "adalayers", "--out", tmp_path / "a"),
+                    "re-extract with `adl extract ... --views tokens`")
+    _one_error_line(invoke("train", "--cache", caches["ner"], "--head", "adalayers-pooled"),
+                    "adalayers-pooled is a sequence-task head")
+    _one_error_line(invoke("train", "--cache", caches["seq"], "--cutoff", "1.5"), "--cutoff must be in [0, 1)")
+    _one_error_line(invoke("train", "--cache", caches["seq"], "--k", "0"), "--k must be an integer >= 1")
+    _one_error_line(invoke("train", "--cache", caches["seq"], "--alpha", "-1"), "--alpha must be > 0")
+    _one_error_line(invoke("train", "--cache", tmp_path / "nowhere"), "no cache at")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "metrics.json").write_text("{}")
+    _one_error_line(invoke("train", "--cache", caches["seq"], "--out", tmp_path / "taken"), "pass --overwrite")
+    broken = tmp_path / "broken"
+    shutil.copytree(caches["pooled"], broken)
+    (broken / "manifest.json").unlink()
+    _one_error_line(invoke("baselines", "--cache", broken), "is not a complete adl cache")
+    assert invoke("train", "--cache", caches["seq"], "--bogus", "1").exit_code == 2  # typer's usage error
+
+
+def test_projected_cache_head_skips_its_gelu(tmp_path):
+    """Tokens stored as P gelu(Z) (adl extract --project): the head must not apply GELU again."""
+    root = write_synthetic_cache(tmp_path / "proj", n=(16, 8, 8), projection={"method": "random", "dim": 8,
+                                                                              "activation": "gelu"})
+    res = invoke("train", "--cache", root, "--out", tmp_path / "r", *FAST[:-1], "1")
+    assert res.exit_code == 0, res.output
+    head, info = load_head(tmp_path / "r")
+    assert info["gelu_in_cache"] is True and head.mix.activation is False
+
+
+def test_newer_schema_cache_is_refused(caches, tmp_path):
+    newer = tmp_path / "newer"
+    shutil.copytree(caches["pooled"], newer)
+    manifest = json.loads((newer / "manifest.json").read_text())
+    (newer / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 99}))
+    _one_error_line(invoke("train", "--cache", newer), "written by a newer adl")

@@ -1,0 +1,92 @@
+"""Batches from the cache: padding and masks, labels, streaming == loading whole, determinism."""
+
+import numpy as np
+import pytest
+import torch
+
+from adl.cache import open_cache
+from adl.train.data import _blocks, load_data
+from synthetic import write_synthetic_cache
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    return {"seq": write_synthetic_cache(d / "seq", n=(40, 8, 8)),
+            "ner": write_synthetic_cache(d / "ner", task="token", n=(40, 8, 8))}
+
+
+def _examples(split, epoch):
+    """{example index: (z without padding, y)} over one pass, plus the batch order."""
+    seen, order = {}, []
+    for b in split.batches(6, epoch):
+        order.append(b.index.tolist())
+        for j, i in enumerate(b.index):
+            n = int(b.mask[j].sum())
+            assert bool(b.mask[j, :n].all()) and not bool(b.mask[j, n:].any())  # real tokens first
+            assert torch.all(b.z[j, n:] == 0)
+            assert i not in seen
+            seen[int(i)] = (b.z[j, :n].clone(), b.y[j, :n].clone() if b.y.dim() == 2 else b.y[j].clone())
+    return seen, order
+
+
+@pytest.mark.parametrize("name", ["seq", "ner"])
+def test_tokens_batches_match_the_cache(caches, name):
+    cache = open_cache(caches[name])
+    data = load_data(cache, "tokens", device="cpu", seed=0, memory_gb=1.0)
+    values, offsets = cache.read("train", "tokens")
+    labels = cache.labels("train")
+    seen, _ = _examples(data.train, epoch=1)
+    assert sorted(seen) == list(range(40))
+    for i, (z, y) in seen.items():
+        a, b = offsets[i], offsets[i + 1]
+        np.testing.assert_array_equal(z.numpy(), values[a:b])
+        np.testing.assert_array_equal(y.numpy(), labels[a:b] if name == "ner" else labels[i])
+
+
+def test_streaming_gives_the_same_examples_with_bounded_blocks(caches):
+    cache = open_cache(caches["ner"])
+    L, D = 4, 8
+    whole = load_data(cache, "tokens", device="cpu", seed=0, memory_gb=1.0)
+    budget = 2 * 40 * L * D * 4 / 1e9  # room for ~40 tokens per block: far less than the split
+    streamed = load_data(cache, "tokens", device="cpu", seed=0, memory_gb=budget)
+    assert len(whole.train.blocks) == 1 and len(streamed.train.blocks) > 3
+    longest = streamed.train.lengths.max()
+    for a, e in streamed.train.blocks:  # the memory bound: each block holds <= max(40, longest) tokens
+        assert streamed.train.offsets[e] - streamed.train.offsets[a] <= max(40, longest)
+    a, _ = _examples(whole.train, epoch=3)
+    b, _ = _examples(streamed.train, epoch=3)
+    assert a.keys() == b.keys()
+    for i in a:
+        assert torch.equal(a[i][0], b[i][0]) and torch.equal(a[i][1], b[i][1])
+    # evaluation order is the cache order in both cases (flat predictions line up with labels)
+    seq = [i for b_ in streamed.validation.batches(3) for i in b_.index]
+    assert seq == list(range(8))
+
+
+def test_order_depends_only_on_seed_and_epoch(caches):
+    cache = open_cache(caches["seq"])
+    orders = {}
+    for seed, epoch in ((0, 1), (0, 1), (0, 2), (1, 1)):
+        data = load_data(cache, "tokens", device="cpu", seed=seed, memory_gb=1.0)
+        orders.setdefault((seed, epoch), []).append(_examples(data.train, epoch)[1])
+    assert orders[(0, 1)][0] == orders[(0, 1)][1]
+    assert orders[(0, 1)][0] != orders[(0, 2)][0] and orders[(0, 1)][0] != orders[(1, 1)][0]
+
+
+def test_pooled_batches(caches):
+    cache = open_cache(caches["seq"])
+    data = load_data(cache, "pooled:mean", device="cpu", seed=0, memory_gb=1.0)
+    x = cache.read("train", "pooled:mean")
+    batches = list(data.train.batches(16, epoch=1))
+    assert [b.z.shape[0] for b in batches] == [16, 16, 8] and batches[0].mask is None
+    idx = np.concatenate([b.index for b in batches])
+    assert sorted(idx.tolist()) == list(range(40))
+    np.testing.assert_array_equal(torch.cat([b.z for b in batches]).numpy(), x[idx])
+    np.testing.assert_array_equal(torch.cat([b.y for b in batches]).numpy(), cache.labels("train")[idx])
+
+
+def test_blocks_cover_everything_once():
+    lengths = np.array([3, 3, 4, 9, 2, 2])
+    assert _blocks(lengths, 7) == [(0, 2), (2, 3), (3, 4), (4, 6)]  # the 9-token example gets its own block
+    assert _blocks(lengths, 100) == [(0, 6)]
