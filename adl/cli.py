@@ -46,14 +46,227 @@ def split_list(value: str | None) -> list[str] | None:
 
 # ---- stage one: extract, info ------------------------------------------------------
 # (commands added below)
+# Flags map 1:1 onto adl.extract.config.ExtractConfig fields; every option defaults to
+# None (booleans to False) and only given flags are passed, so the config holds the defaults.
+from typing import Optional as _Opt  # noqa: E402
+
+_X = typer.Option
+
+
+@app.command()
+@user_errors
+def extract(
+    model: str = _X(..., "--model", help="hub id, local folder, or alias roberta-large | bart-large | minilm"),
+    dataset: str = _X(..., "--dataset", help="imdb | cola | sst2 | rotten_tomatoes | conll2003 | wnut16 | tweets, "
+                      "a hub id owner/name[:config], or csv:|jsonl:|parquet:|conll:PATH"),
+    out: _Opt[str] = _X(None, "--out", help="cache folder (default cache/<dataset name>)"),
+    views: _Opt[str] = _X(None, "--views", help="pooled,tokens (default: pooled, plus tokens when they fit "
+                          "comfortably on disk; NER always gets tokens)"),
+    pool: _Opt[str] = _X(None, "--pool", help="mean,cls,last,max (default mean; last for decoder states)"),
+    layers: _Opt[str] = _X(None, "--layers", help="hidden states to keep: 0,3,6 or -4: or ::2 (default all L)"),
+    project: _Opt[int] = _X(None, "--project", help="store token states projected to D dims"),
+    project_method: _Opt[str] = _X(None, "--project-method", help="pca (fitted on train tokens) | random"),
+    project_sample_tokens: _Opt[int] = _X(None, "--project-sample-tokens", help="train tokens the PCA sees"),
+    dtype: _Opt[str] = _X(None, "--dtype", help="float16 (default) | float32"),
+    format: _Opt[str] = _X(None, "--format", help="zarr (default) | hdf5"),
+    batch_size: _Opt[int] = _X(None, "--batch-size", help="examples per forward pass, at most (default 32)"),
+    batch_tokens: _Opt[int] = _X(None, "--batch-tokens", help="cap on rows x longest row per batch, so long "
+                                 "inputs run in smaller batches (default batch size x 128)"),
+    max_length: _Opt[int] = _X(None, "--max-length", help="tokens per example (default: the model's limit)"),
+    device: _Opt[str] = _X(None, "--device", help="auto (default) | cpu | cuda"),
+    limit: _Opt[int] = _X(None, "--limit", help="at most N examples per split, for quick tries"),
+    seed: _Opt[int] = _X(None, "--seed", help="seed of carving, limit sampling and projection (default 42)"),
+    text_column: _Opt[str] = _X(None, "--text-column", help="text column (tokens column for NER)"),
+    label_column: _Opt[str] = _X(None, "--label-column", help="label column (tags column for NER)"),
+    decoder: bool = _X(False, "--decoder", help="encoder-decoder models: store decoder states"),
+    trust_remote_code: bool = _X(False, "--trust-remote-code", help="allow the model's own code to run"),
+    num_shards: _Opt[int] = _X(None, "--num-shards", help="split the work among N processes "
+                               "(default $WORLD_SIZE or 1)"),
+    shard_index: _Opt[int] = _X(None, "--shard-index", help="this process's part (default $RANK or 0)"),
+    overwrite: bool = _X(False, "--overwrite", help="replace a cache made with another configuration"),
+) -> None:
+    """Run a frozen transformer once over a dataset and cache its per-layer hidden states."""
+    given = {k: v for k, v in locals().items() if v is not None and v is not False}  # before any import
+    from adl.extract.config import ExtractConfig
+    from adl.extract.run import run_extract
+
+    run_extract(ExtractConfig(**given))
+
+
+@app.command()
+@user_errors
+def info(
+    path: str = typer.Argument(..., help="cache folder"),
+    json_: bool = _X(False, "--json", help="print the manifest as JSON"),
+) -> None:
+    """Summarise a cache: model, task, splits, views, shapes and bytes on disk."""
+    import json
+
+    from rich.console import Console
+
+    from adl.cache import open_cache
+    from adl.extract.summary import summary
+
+    with open_cache(path) as cache:
+        if json_:
+            typer.echo(json.dumps(cache.manifest, indent=2, sort_keys=True))
+        else:
+            Console().print(summary(cache))
 
 
 # ---- stage two: train, baselines ---------------------------------------------------
 # (commands added below)
+# Flags map 1:1 onto adl.train.config.TrainConfig fields (--lambda -> lam); every option
+# defaults to None so the config (and its task presets) holds the defaults.
+from typing import Annotated, Optional  # noqa: E402
+
+_O = typer.Option
+CacheOpt = Annotated[str, _O("--cache", help="cache folder written by `adl extract`")]
+HeadOpt = Annotated[Optional[str], _O("--head", help="adalayers | adalayers-pooled | single-layer | last-layer | "
+                                      "linear-probe | scalar-mix | head2toe (default: from the cache's views)")]
+PresetOpt = Annotated[Optional[str], _O("--preset", help="imdb | cola | conll defaults (default: from the cache)")]
+AlphaOpt = Annotated[Optional[float], _O("--alpha", help="softmax sharpness: w = softmax(alpha * p)")]
+LamOpt = Annotated[Optional[float], _O("--lambda", help="entropy regularisation coefficient")]
+KOpt = Annotated[Optional[int], _O("--k", help="projection width per layer")]
+CutoffOpt = Annotated[Optional[float], _O("--cutoff", help="layer weights <= cutoff are dropped")]
+DropoutOpt = Annotated[Optional[float], _O("--dropout", help="dropout in the head")]
+HeadsOpt = Annotated[Optional[int], _O("--heads", help="attention heads (divide k)")]
+PosEmbOpt = Annotated[Optional[bool], _O("--pos-emb/--no-pos-emb", help="positional embeddings after the mix")]
+LayersEncOpt = Annotated[Optional[int], _O("--layers-enc", help="encoder layers of the token-task head")]
+FfOpt = Annotated[Optional[int], _O("--ff", help="feed-forward width of the token-task encoder")]
+NormAffineOpt = Annotated[Optional[bool], _O("--norm-affine/--no-norm-affine", help="affine per-layer norm")]
+PostGeluOpt = Annotated[Optional[bool], _O("--post-gelu/--no-post-gelu", help="reference code's GELU after the mix")]
+HiddenOpt = Annotated[Optional[int], _O("--hidden", help="MLP width of adalayers-pooled")]
+LayerOpt = Annotated[Optional[int], _O("--layer", help="layer index for single-layer / linear-probe")]
+LrOpt = Annotated[Optional[float], _O("--lr", help="learning rate")]
+WdOpt = Annotated[Optional[float], _O("--weight-decay", help="AdamW weight decay (not on the layer logits)")]
+BatchOpt = Annotated[Optional[int], _O("--batch-size", help="examples per step")]
+EpochsOpt = Annotated[Optional[int], _O("--max-epochs", help="epoch ceiling")]
+PatienceOpt = Annotated[Optional[int], _O("--patience", help="early-stopping patience (epochs)")]
+LrPatienceOpt = Annotated[Optional[int], _O("--lr-patience", help="epochs before the LR is halved")]
+SeedOpt = Annotated[Optional[int], _O("--seed", help="seed (init, dropout, batch order)")]
+LassoOpt = Annotated[Optional[float], _O("--lasso", help="head2toe group-lasso coefficient")]
+KeepOpt = Annotated[Optional[float], _O("--keep", help="head2toe: fraction of layers kept")]
+PoolOpt = Annotated[Optional[str], _O("--pool", help="pooled view for pooled heads (default mean)")]
+MemoryOpt = Annotated[Optional[float], _O("--memory-gb", help="RAM budget for the tokens view before streaming")]
+DeviceOpt = Annotated[Optional[str], _O("--device", help="auto | cpu | cuda | cuda:N | mps")]
+OutOpt = Annotated[Optional[str], _O("--out", help="run folder (default runs/<cache>-<head>-<time>)")]
+OverwriteOpt = Annotated[Optional[bool], _O("--overwrite", help="write into an existing run folder")]
+
+
+def _train_config(opts: dict):
+    from adl.train.config import TrainConfig
+
+    return TrainConfig(**{name: value for name, value in opts.items() if value is not None})
+
+
+@app.command()
+@user_errors
+def train(cache: CacheOpt, head: HeadOpt = None, preset: PresetOpt = None, alpha: AlphaOpt = None,
+          lam: LamOpt = None, k: KOpt = None, cutoff: CutoffOpt = None, dropout: DropoutOpt = None,
+          heads: HeadsOpt = None, pos_emb: PosEmbOpt = None, layers_enc: LayersEncOpt = None, ff: FfOpt = None,
+          norm_affine: NormAffineOpt = None, post_gelu: PostGeluOpt = None, hidden: HiddenOpt = None,
+          layer: LayerOpt = None, lr: LrOpt = None, weight_decay: WdOpt = None, batch_size: BatchOpt = None,
+          max_epochs: EpochsOpt = None, patience: PatienceOpt = None, lr_patience: LrPatienceOpt = None,
+          seed: SeedOpt = None, pool: PoolOpt = None, memory_gb: MemoryOpt = None, device: DeviceOpt = None,
+          out: OutOpt = None, overwrite: OverwriteOpt = None) -> None:
+    """Train a layer-mixing head from a cache; writes config, metrics, history, head and plots."""
+    opts = dict(locals())
+    from adl.train.run import run_train
+
+    run_train(_train_config(opts))
+
+
+@app.command()
+@user_errors
+def baselines(cache: CacheOpt, preset: PresetOpt = None, alpha: AlphaOpt = None, lam: LamOpt = None,
+              k: KOpt = None, cutoff: CutoffOpt = None, dropout: DropoutOpt = None, heads: HeadsOpt = None,
+              pos_emb: PosEmbOpt = None, layers_enc: LayersEncOpt = None, ff: FfOpt = None,
+              norm_affine: NormAffineOpt = None, post_gelu: PostGeluOpt = None, hidden: HiddenOpt = None,
+              lr: LrOpt = None, weight_decay: WdOpt = None, batch_size: BatchOpt = None,
+              max_epochs: EpochsOpt = None, patience: PatienceOpt = None, lr_patience: LrPatienceOpt = None,
+              seed: SeedOpt = None, lasso: LassoOpt = None, keep: KeepOpt = None, pool: PoolOpt = None,
+              memory_gb: MemoryOpt = None, device: DeviceOpt = None, out: OutOpt = None,
+              overwrite: OverwriteOpt = None) -> None:
+    """Every single layer, last-layer probe, scalar mix, head2toe, hsv and adalayers, same budget."""
+    opts = dict(locals())
+    from adl.train.baselines import run_baselines
+
+    run_baselines(_train_config(opts))
 
 
 # ---- sweeps ---------------------------------------------------------------------------
 # (commands added below)
+# Every TrainConfig hyperparameter is a flag taking a list ("16,64,128"), a range for
+# --search tpe ("8:256:log") or one value (fixed); the flags are generated from the
+# dataclass fields, so a new TrainConfig field is sweepable without touching this file.
+import inspect  # noqa: E402
+from typing import Annotated as _Annotated, Optional as _Optional  # noqa: E402
+
+
+def _sweep_flag(name: str) -> str:
+    return "--lambda" if name == "lam" else "--" + name.replace("_", "-")
+
+
+def _sweep_params() -> list[inspect.Parameter]:
+    import dataclasses
+
+    from adl.train.config import TrainConfig
+    from adl.train.sweep import NOT_SWEPT, SweepConfig, field_type
+
+    def opt(name, kind, flag, help_, default=None):
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                 annotation=_Annotated[kind, typer.Option(flag, help=help_)])
+
+    helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(SweepConfig)}
+    params = [opt("cache", _Optional[str], "--cache", "cache folder written by `adl extract`"),
+              opt("report", _Optional[str], "--report", "redraw the table and plots of sweep folder DIR and exit"),
+              opt("search", _Optional[str], "--search", helps["search"]),
+              opt("trials", _Optional[int], "--trials", helps["trials"]),
+              opt("seeds", _Optional[int], "--seeds", helps["seeds"]),
+              opt("out", _Optional[str], "--out", helps["out"]),
+              opt("storage", _Optional[str], "--storage", "Optuna storage URL: sqlite:///F, journal:PATH, "
+                  "postgresql://... (default sqlite in --out)"),
+              opt("study", _Optional[str], "--study", helps["study"]),
+              opt("group_size", _Optional[int], "--group-size", helps["group_size"]),
+              opt("vectorise", _Optional[bool], "--vectorise/--no-vectorise", helps["vectorise"]),
+              opt("baselines", _Optional[str], "--baselines", helps["baselines"]),
+              opt("top", _Optional[int], "--top", helps["top"]),
+              opt("device", _Optional[str], "--device", "auto | cpu | cuda | cuda:N | mps"),
+              opt("memory_gb", _Optional[float], "--memory-gb", "RAM budget for the tokens view before streaming")]
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in NOT_SWEPT:
+            how = " [list a,b,c or range lo:hi[:log]]" if field_type(f.name) in (int, float) else " [list a,b]"
+            params.append(opt(f.name, _Optional[str], _sweep_flag(f.name), f.metadata.get("help", "") + how))
+    return params
+
+
+def _sweep(**opts) -> None:
+    """Sweep hyperparameters over a cache (grid or Optuna TPE), resumable, several workers per study.
+
+    Example: adl sweep --cache cache/tweets --alpha 16,64,128 --lambda 0,1e-3 --k 32,64 --cutoff 0,0.01
+    """
+    from adl.train.config import TrainConfig
+    from adl.train.sweep import SWEEPABLE, SweepConfig, parse_space
+
+    if opts["report"] is not None:
+        from adl.train.sweep_report import report_sweep
+
+        report_sweep(opts["report"], storage=opts["storage"])
+        return
+    if opts["cache"] is None:
+        raise AdlError("no cache given: pass --cache DIR (or --report DIR to redraw a finished sweep)")
+    machine = {k: opts[k] for k in ("cache", "device", "memory_gb") if opts[k] is not None}
+    space = parse_space({name: opts[name] for name in SWEEPABLE})
+    sweep = {k: opts[k] for k in ("search", "trials", "seeds", "out", "storage", "study", "group_size", "vectorise",
+                                  "baselines", "top") if opts[k] is not None}
+    from adl.train.sweep_run import run_sweep
+
+    run_sweep(SweepConfig(base=TrainConfig(**machine), space=space, **sweep))
+
+
+_sweep.__signature__ = inspect.Signature(_sweep_params())
+app.command("sweep")(user_errors(_sweep))
 
 
 def main() -> None:

@@ -5,9 +5,10 @@ Arrays are addressed by "split/name" paths. Both backends store uncompressed chu
 bytes on disk stay within a few percent of the raw payload.
 
 Crash safety: Zarr's local store writes every chunk to a temporary file and renames it,
-so a chunk is always either its old or its new version. The HDF5 file is opened with
-the latest file format and flushed on every commit, so the data up to the last commit
-survive a kill.
+so a chunk is always either its old or its new version. The HDF5 file is flushed on every
+commit, so the data up to the last commit survive a kill. It is written in the v1.8 file
+format: the newer superblock (v1.10+) marks a file "open for write" and HDF5 then refuses
+to reopen it after a kill -9 (until `h5clear -s`), which would defeat resuming.
 """
 
 from __future__ import annotations
@@ -55,12 +56,13 @@ class HDF5Backend:
         import h5py
 
         h5_mode = {"w": "w", "a": "a", "r": "r"}[mode]
-        self.file = h5py.File(path, h5_mode, libver="latest")
+        self.file = h5py.File(path, h5_mode, libver=("earliest", "v108"))
 
     def create(self, name: str, shape: tuple, dtype: str, chunks: tuple) -> None:
         if name in self.file:
             del self.file[name]
-        self.file.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks if all(chunks) else None)
+        # an empty array (a shard with no rows of a split) cannot be chunked in HDF5
+        self.file.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks if all(shape) else None)
 
     def array(self, name: str):
         return self.file[name]

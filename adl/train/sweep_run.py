@@ -1,0 +1,286 @@
+"""run_sweep(cfg): claim trials from the study, train them in shape groups, tell the results.
+
+    cache -> SweepSpace -> SweepStudy (storage, checks, resume) -> loop:
+        claim up to group_size trials -> one job per (trial, seed) -> resolve each config
+        -> partition by group_key -> fit_group (or trainer.fit one by one) -> tell
+    -> results.csv, best.json, table, plots (sweep_report)
+
+Every worker runs this same loop against the same storage; see study.py for how trials are
+shared and resumed. ``seconds`` of a trial is its group's wall time divided by the group size.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+
+import numpy as np
+import optuna
+import torch
+from optuna.trial import TrialState
+from rich.console import Console
+
+from adl import __version__
+from adl.cache import open_cache, write_json
+from adl.errors import AdlError
+from adl.train.config import resolve, view_for
+from adl.train.data import TrainData, load_data
+from adl.train.group import fit_group, group_key
+from adl.train.metrics import selection_metric
+from adl.train.run import make_head
+from adl.train.study import OrderedGridSampler, SweepStudy, default_storage, safe_url
+from adl.train.sweep import SweepConfig, SweepSpace
+from adl.train.sweep_report import baseline_paths, write_csv, write_outputs
+from adl.train.trainer import FitResult, TrainingDiverged, fit
+
+
+@dataclasses.dataclass
+class Job:
+    trial: object  # optuna Trial
+    point: dict  # the swept values (with "seed" when seeds are swept)
+    cfg: object  # resolved TrainConfig
+    view: str
+    first: bool  # the trial's first seed (the one reported to the pruner)
+    result: FitResult | None = None
+    error: str | None = None
+
+
+def _with_seed(data: TrainData, seed: int) -> TrainData:
+    """The same loaded arrays with another batch-order seed (SplitData only keeps the seed)."""
+    parts = {}
+    for name in ("train", "validation", "test"):
+        split = getattr(data, name)
+        if split is not None:
+            split = copy.copy(split)
+            split.seed = seed
+        parts[name] = split
+    return dataclasses.replace(data, **parts)
+
+
+class Worker:
+    """Loads each view once and trains jobs in groups."""
+
+    def __init__(self, cfg: SweepConfig, cache, space: SweepSpace, console: Console):
+        self.cfg, self.cache, self.space, self.console = cfg, cache, space, console
+        self.metric = selection_metric(cache.task)
+        self._views: dict[str, TrainData] = {}
+
+    def data(self, view: str, seed: int, train_cfg) -> TrainData:
+        if view not in self._views:
+            self._views[view] = load_data(self.cache, view, device=train_cfg.device, seed=seed,
+                                          memory_gb=train_cfg.memory_gb)
+        return _with_seed(self._views[view], seed)
+
+    def build(self, job: Job, data: TrainData):
+        torch.manual_seed(job.cfg.seed)  # the same initialisation as `adl train` with this seed
+        return make_head(job.cfg, data, self.cache.manifest)
+
+    def precheck(self, points: list[dict]) -> None:
+        """Build one head per distinct shape so a bad combination (k not a multiple of heads, a
+        head the cache cannot feed) fails before the study starts, not as failed trials."""
+        seen = set()
+        for point in points:
+            cfg = resolve(self.cfg.config(point), self.cache)
+            key = group_key(cfg)
+            if key not in seen:
+                seen.add(key)
+                view = view_for(cfg.head, self.cache, cfg.pool)
+                self.build(Job(None, point, cfg, view, True), self.data(view, cfg.seed, cfg))
+
+    def jobs(self, trials: list) -> list[Job]:
+        out = []
+        for trial in trials:
+            point = dict(trial.params)
+            seeds = self.space.seeds or [None]
+            for i, seed in enumerate(seeds):
+                p = point if seed is None else {**point, "seed": seed}
+                try:
+                    cfg = resolve(self.cfg.config(p), self.cache)
+                    job = Job(trial, p, cfg, view_for(cfg.head, self.cache, cfg.pool), i == 0)
+                except AdlError as e:
+                    job = Job(trial, p, None, "", i == 0, error=str(e))
+                out.append(job)
+        return out
+
+    def run(self, jobs: list[Job]) -> None:
+        """Train every job (groups by shape; first seeds first, so pruned trials skip later seeds)."""
+        groups: dict[tuple, list[Job]] = {}
+        for job in jobs:
+            if job.error is None:
+                groups.setdefault((not job.first, job.view, group_key(job.cfg)), []).append(job)
+        pruned = set()
+        for key in sorted(groups, key=lambda k: k[0]):
+            todo = [j for j in groups[key] if j.trial.number not in pruned]
+            for start in range(0, len(todo), self.cfg.group_size):
+                self._train(todo[start:start + self.cfg.group_size], pruned)
+
+    def _train(self, jobs: list[Job], pruned: set) -> None:
+        data = self.data(jobs[0].view, jobs[0].cfg.seed, jobs[0].cfg)
+        try:
+            heads = [self.build(j, data) for j in jobs]
+        except AdlError as e:
+            for j in jobs:
+                j.error = str(e)
+            return
+        prune = self.cfg.search == "tpe"
+
+        def on_epoch(i: int, row: dict) -> bool:
+            job = jobs[i]
+            if not (prune and job.first):
+                return False
+            job.trial.report(row[f"val_{self.metric}"], row["epoch"])
+            if job.trial.should_prune():
+                pruned.add(job.trial.number)
+                return True
+            return False
+
+        if self.cfg.vectorise:
+            results = fit_group(heads, data, [j.cfg for j in jobs], on_epoch=on_epoch)
+        else:
+            results = [self._solo(h, data, j, i, on_epoch) for i, (h, j) in enumerate(zip(heads, jobs))]
+        for job, res in zip(jobs, results):
+            if isinstance(res, TrainingDiverged):
+                job.error = str(res)
+            elif res is not None:  # None: pruned inside trainer.fit (--no-vectorise)
+                job.result = res
+                res.group_size = len(jobs) if self.cfg.vectorise else 1
+
+    @staticmethod
+    def _solo(head, data, job: Job, i: int, on_epoch):
+        try:
+            return fit(head, data, job.cfg, on_epoch=lambda row, h: _raise_if(on_epoch(i, row)))
+        except TrainingDiverged as e:
+            return e
+        except optuna.TrialPruned:
+            return None
+
+
+def _raise_if(prune: bool) -> None:
+    if prune:
+        raise optuna.TrialPruned()
+
+
+def run_record(job: Job, layers: list[int]) -> dict:
+    """One (trial, seed) run as stored in the study and written to results.csv."""
+    rec = {"seed": job.point.get("seed", job.cfg.seed if job.cfg else None), "point": job.point,
+           "head": job.cfg.head if job.cfg else None, "error": job.error}
+    r = job.result
+    if r is not None:
+        scalars = lambda m: {k: v for k, v in (m or {}).items() if isinstance(v, (int, float))}  # noqa: E731
+        rec.update(params=r.params, val=scalars(r.validation), test=scalars(r.test) if r.test else None,
+                   epochs=len(r.history), best_epoch=r.best_epoch, stop_reason=r.stop_reason,
+                   seconds=round(r.seconds, 3), group_size=getattr(r, "group_size", 1), weights=r.weights,
+                   active_layers=[layers[i] for i in r.active_layers])
+    return rec
+
+
+def _tell(study: SweepStudy, trial, jobs: list[Job], metric: str, layers: list[int]) -> float | None:
+    runs = [run_record(j, layers) for j in jobs]
+    ok = [r for r in runs if r.get("val") is not None]
+    errors = [r["error"] for r in runs if r["error"]]
+    pruned = any(j.result is not None and j.result.stop_reason == "pruned" for j in jobs) or \
+        (not ok and not errors)  # solo fits that were pruned return no result
+    value = float(np.mean([r["val"][metric] for r in ok])) if ok else None
+    state = TrialState.FAIL if errors else TrialState.PRUNED if pruned else TrialState.COMPLETE
+    study.finish(trial, {"point": {k: v for k, v in jobs[0].point.items() if k != "seed"}, "runs": runs,
+                         "value": value, "metric": metric}, value, state)
+    return value
+
+
+def train_baselines(worker: Worker, out) -> None:
+    """<out>/baselines.csv with the single-layer heads (one per layer) and the last-layer probe,
+    trained on the sweep's view with the fixed config's budget, unless a baselines.csv is found
+    in the sweep or cache folder. A file lock keeps local workers from training them twice."""
+    from filelock import FileLock
+
+    cfg, cache = worker.cfg, worker.cache
+    with FileLock(str(out / ".baselines.lock")):
+        if any(p.is_file() for p in baseline_paths(out, str(cache.root))):
+            return
+        base = resolve(cfg.fixed, cache)
+        if base.head not in ("adalayers", "adalayers-pooled"):
+            return
+        view = view_for(base.head, cache, base.pool)
+        data = worker.data(view, base.seed, base)
+        worker.console.print(f"training the single-layer and last-layer baselines ({len(cache.layers) + 1} runs; "
+                             "--baselines off skips them)", highlight=False)
+        fixed = {"adalayers": lambda i: dict(name="single-layer", layer=i),
+                 "adalayers-pooled": lambda i: dict(name="adalayers-pooled", fixed_layer=i)}[base.head]
+        rows = []
+        for i, layer in enumerate([*cache.layers, None]):
+            torch.manual_seed(base.seed)
+            kw = fixed(i) if layer is not None else dict(name="last-layer")
+            res = fit(make_head(base, data, cache.manifest, **kw), data, base)
+            m = res.metric
+            rows.append({"name": "single-layer" if layer is not None else "last-layer",
+                         "layer": layer if layer is not None else cache.layers[-1], f"val_{m}": res.validation[m],
+                         f"test_{m}": res.test[m] if res.test else None, "params": res.params,
+                         "seconds": round(res.seconds, 3), "hsv": None})
+        write_csv(out / "baselines.csv", rows)
+
+
+def open_sweep_study(cfg: SweepConfig, cache, space: SweepSpace, out) -> SweepStudy:
+    metric = selection_metric(cache.task)
+    meta = {"cache_hash": cache.hash, "digest": cfg.digest(), "definition": cfg.definition(), "metric": metric,
+            "task": cache.task, "layers": cache.layers, "adl_version": __version__,
+            "dims": list(space.grid) if space.search == "grid" else list(space.dims) +
+            (["seed"] if cfg.seeds > 1 else [])}
+    if space.search == "grid":
+        sampler, pruner = OrderedGridSampler(space.points), optuna.pruners.NopPruner()
+    else:
+        sampler = optuna.samplers.TPESampler(seed=cfg.base.seed, constant_liar=True)
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2)
+    url = cfg.storage or default_storage(out)
+    return SweepStudy(url, cfg.study or out.name, meta, space, sampler=sampler, pruner=pruner)
+
+
+def run_sweep(cfg: SweepConfig, *, console: Console | None = None) -> dict:
+    """Run (or resume, or join as another worker) the sweep; write its outputs; return a summary."""
+    console = console or Console()
+    t0 = time.perf_counter()
+    cache = open_cache(cfg.base.cache)
+    space = SweepSpace(cfg)
+    out = cfg.out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    worker = Worker(cfg, cache, space, console)
+    worker.precheck(space.points or [{}])
+    study = open_sweep_study(cfg, cache, space, out)
+    write_json(out / "sweep.json", {"storage": "default" if cfg.storage is None else safe_url(cfg.storage),
+                                    "study": study.study.study_name, "cache": str(cache.root),
+                                    "definition": cfg.definition(), "digest": cfg.digest(),
+                                    "adl_version": __version__})
+    total = len(space.points) if space.search == "grid" else cfg.trials
+    console.print(f"sweep {study.study.study_name}: {cfg.search}, {total} trials, storage "
+                  f"{safe_url(study.url)}", highlight=False, soft_wrap=True)
+    if (n := study.recover()):
+        console.print(f"re-queued {n} trial(s) of a worker that is gone", highlight=False)
+    ran = _loop(cfg, study, worker, cache, console, total)
+    if cfg.baselines == "auto":
+        train_baselines(worker, out)
+    summary = write_outputs(out, study.study, console=console, top=cfg.top, baselines=cfg.baselines)
+    console.print(f"{ran} trial(s) run by this worker in {time.perf_counter() - t0:.1f}s; results in {out}",
+                  highlight=False)
+    return {**summary, "out": str(out), "ran": ran}
+
+
+def _loop(cfg: SweepConfig, study: SweepStudy, worker: Worker, cache, console: Console, total: int) -> int:
+    ran, claimed = 0, []
+    try:
+        while claimed := study.claim(cfg.group_size):
+            t0 = time.perf_counter()
+            jobs = worker.jobs(claimed)
+            worker.run(jobs)
+            values = []
+            for trial in claimed:
+                values.append(_tell(study, trial, [j for j in jobs if j.trial is trial], worker.metric, cache.layers))
+            ran += len(claimed)
+            done = study.progress().get("complete", 0)
+            best = max((v for v in values if v is not None), default=float("nan"))
+            console.print(f"[{done}/{total}] {len(claimed)} trial(s) in {time.perf_counter() - t0:.1f}s, "
+                          f"best validation {worker.metric} {best:.4f}", highlight=False)
+            claimed = []
+    except BaseException:
+        study.release(claimed)
+        raise
+    return ran

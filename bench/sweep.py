@@ -1,0 +1,198 @@
+"""Sweeps, measured (not a test): the real all-MiniLM-L6-v2 cache of the tweet corpus.
+
+    .venv/bin/python bench/sweep.py [--cache cache/tweets] [--limit 2000] [--epochs 2]
+
+The cache is built first if missing (`adl extract --model minilm --dataset tweets --limit N
+--views pooled,tokens`).
+
+(1) 16 configurations of one shape (alpha 16/64 x cutoff 0/0.01 x lambda 0/1e-3 x lr
+    1e-4/3e-4, k 64) trained vectorised (group.fit_group, one pass of the data per epoch for
+    all 16) vs the same 16 run one after another with trainer.fit, the same epochs for both
+    (patience = max_epochs, so nothing stops early). Wall-time ratio for the pooled head
+    (adalayers-pooled on pooled:mean) and the tokens head (adalayers on tokens).
+(2) one configuration per epoch: trained from the cache vs the same head trained with MiniLM
+    in the loop, recomputing the hidden states of every batch in every epoch (as the reference
+    code does; here at least with length-bucketed batches and no gradient through the
+    backbone). Speedup per epoch, both heads.
+
+Timings are wall time on whatever cores torch uses, best of --repeats alternated runs (the
+machine may be shared: the numbers are indicative; the load average is recorded). Results
+go to bench/results/sweep.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from adl.cache import open_cache  # noqa: E402
+from adl.train.config import TrainConfig, resolve  # noqa: E402
+from adl.train.data import load_data  # noqa: E402
+from adl.train.group import fit_group  # noqa: E402
+from adl.train.heads import masked_mean  # noqa: E402
+from adl.train.run import make_head  # noqa: E402
+from adl.train.trainer import fit, param_groups  # noqa: E402
+
+GRID = [dict(alpha=a, cutoff=c, lam=l, lr=r) for a in (16.0, 64.0) for c in (0.0, 0.01) for l in (0.0, 1e-3)
+        for r in (1e-4, 3e-4)]
+HEADS = {"pooled": ("adalayers-pooled", "pooled:mean"), "tokens": ("adalayers", "tokens")}
+
+
+def ensure_cache(path: Path, limit: int) -> None:
+    if (path / "manifest.json").is_file():
+        return
+    from adl.extract.config import ExtractConfig
+    from adl.extract.run import run_extract
+
+    print(f"building {path} (MiniLM over {limit} tweets per split)...", flush=True)
+    run_extract(ExtractConfig(model="minilm", dataset="tweets", limit=limit, views="pooled,tokens", out=str(path),
+                              overwrite=True))
+
+
+def configs(cache, head: str, epochs: int) -> list[TrainConfig]:
+    base = TrainConfig(cache=str(cache.root), head=head, k=64, dropout=0.0, max_epochs=epochs, patience=epochs,
+                       lr_patience=epochs, device="cpu")
+    return [resolve(dataclasses.replace(base, **p), cache) for p in GRID]
+
+
+def build(cfg, data, cache):
+    torch.manual_seed(cfg.seed)
+    return make_head(cfg, data, cache.manifest)
+
+
+def vectorised_vs_sequential(cache, kind: str, epochs: int, repeats: int) -> dict:
+    head, view = HEADS[kind]
+    cfgs = configs(cache, head, epochs)
+    data = load_data(cache, view, device="cpu", seed=0, memory_gb=8)
+    fit(build(cfgs[0], data, cache), data, dataclasses.replace(cfgs[0], max_epochs=1))  # warm-up
+    fit_group([build(c, data, cache) for c in cfgs[:2]], data, [dataclasses.replace(c, max_epochs=1)
+                                                                for c in cfgs[:2]])
+    sequential = vectorised = math.inf
+    for _ in range(repeats):  # alternated, best of each: the machine is shared
+        t0 = time.perf_counter()
+        seq = [fit(build(c, data, cache), data, c) for c in cfgs]
+        sequential = min(sequential, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        grp = fit_group([build(c, data, cache) for c in cfgs], data, cfgs)
+        vectorised = min(vectorised, time.perf_counter() - t0)
+    gap = max(abs(a.validation[a.metric] - b.validation[b.metric]) for a, b in zip(seq, grp))
+    row = {"head": head, "view": view, "configs": len(cfgs), "epochs": epochs, "sequential_s": round(sequential, 2),
+           "vectorised_s": round(vectorised, 2), "ratio": round(sequential / vectorised, 2),
+           "max_val_metric_gap": gap, "train_examples": data.train.n, "repeats": repeats}
+    print(f"(1) {head:<17} 16 configs x {epochs} epochs: one by one {sequential:7.1f}s, vectorised "
+          f"{vectorised:7.1f}s -> {sequential / vectorised:.2f}x (max |val gap| {gap:.4f})", flush=True)
+    return row
+
+
+def backbone_batches(limit: int, batch_size: int):
+    """The tweet corpus's train and validation splits tokenised as adl extract does
+    (length-bucketed batches): {split: [(input_ids, mask, labels), ...]}."""
+    from adl.extract import models, tokenize
+    from adl.extract.datasets import load_dataset
+
+    folder = models.resolve_model_id("minilm")
+    tok = models.load_tokenizer(folder, "sequence")
+    ds = load_dataset("tweets", limit=limit)
+    batches = {}
+    for split in ("train", "validation"):
+        ts = tokenize.tokenize_split(ds.splits[split], ds.task, tok, 512, labeled=True)
+        batches[split] = []
+        for rows in tokenize.make_batches(ts.lengths, batch_size):
+            ids, mask = tokenize.collate(ts, rows, models.pad_id(tok))
+            batches[split].append((torch.from_numpy(ids), torch.from_numpy(mask).bool(),
+                                   torch.from_numpy(ts.labels[rows])))
+    return folder, batches
+
+
+def _states(model, ids, mask, pooled: bool):
+    with torch.inference_mode():
+        states = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        z = torch.stack(states, dim=2)  # (B, T, L, H)
+        return (masked_mean(z, mask) if pooled else z).clone()  # clone: leave inference mode for autograd
+
+
+def backbone_epoch(model, head, batches, cfg, pooled: bool, seed: int) -> float:
+    """Seconds of one epoch (train + validation, like the cached epoch) with MiniLM recomputing
+    the hidden states of every batch."""
+    opt = torch.optim.AdamW(param_groups(head, cfg.weight_decay), lr=cfg.lr)
+    head.train()
+    order = np.random.default_rng(seed).permutation(len(batches["train"]))
+    t0 = time.perf_counter()
+    for i in order:
+        ids, mask, y = batches["train"][i]
+        loss = F.cross_entropy(head(_states(model, ids, mask, pooled), None if pooled else mask), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    head.eval()
+    correct = 0
+    with torch.no_grad():
+        for ids, mask, y in batches["validation"]:
+            correct += int((head(_states(model, ids, mask, pooled), None if pooled else mask).argmax(-1) == y).sum())
+    return time.perf_counter() - t0
+
+
+def cache_vs_backbone(cache, kind: str, limit: int, epochs: int) -> dict:
+    from transformers import AutoModel
+
+    head_name, view = HEADS[kind]
+    cfg = dataclasses.replace(configs(cache, head_name, epochs)[0], patience=epochs)
+    data = load_data(cache, view, device="cpu", seed=0, memory_gb=8)
+    res = fit(build(cfg, data, cache), data, cfg)
+    cached = min(r["seconds"] for r in res.history)  # train epoch + validation, best epoch
+    folder, batches = backbone_batches(limit, cfg.batch_size)
+    model = AutoModel.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32).eval()
+    loop = backbone_epoch(model, build(cfg, data, cache), batches, cfg, kind == "pooled", 0)
+    row = {"head": head_name, "view": view, "cache_epoch_s": round(cached, 3), "backbone_epoch_s": round(loop, 2),
+           "speedup": round(loop / cached, 1), "train_examples": data.train.n,
+           "note": "both epochs = train pass + validation pass"}
+    print(f"(2) {head_name:<17} per epoch: from the cache {cached:6.2f}s, MiniLM in the loop {loop:7.1f}s -> "
+          f"{loop / cached:.0f}x", flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", default="cache/tweets-2000")
+    ap.add_argument("--limit", type=int, default=2000)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="timings are the best of this many runs")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: 1,2")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ensure_cache(Path(args.cache), args.limit)
+    cache = open_cache(args.cache)
+    results = {"cache": str(cache.root), "model": cache.manifest["model"]["id"], "threads": torch.get_num_threads(),
+               "python": sys.version.split()[0], "torch": torch.__version__, "machine": platform.machine(),
+               "load_average_at_start": os.getloadavg(),
+               "vectorised_vs_sequential": [], "cache_vs_backbone": []}
+    skip = set(args.skip.split(","))
+    for kind in ("pooled", "tokens"):
+        if "1" not in skip:
+            results["vectorised_vs_sequential"].append(vectorised_vs_sequential(cache, kind, args.epochs, args.repeats))
+        if "2" not in skip:
+            results["cache_vs_backbone"].append(cache_vs_backbone(cache, kind, args.limit, args.epochs))
+    out = Path(__file__).parent / "results" / "sweep.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
