@@ -216,6 +216,8 @@ def run_train(cfg: TrainConfig, *, console: Console | None = None) -> dict:
     plot_final_weights(result.weights, data.layers, out / "layer_weights_final.png")
     console.print(summary_line(cfg.head, doc) + f" | {time.perf_counter() - t0:.1f}s total | {out}",
                   highlight=False, soft_wrap=True)
+    console.print(f"plots: {out / 'layer_weights.png'}, {out / 'layer_weights_final.png'}", highlight=False,
+                  soft_wrap=True)
     return {"out": str(out), "config": dataclasses.asdict(cfg), "metrics": doc}
 
 
