@@ -57,6 +57,7 @@ def test_two_shards_read_as_one(tmp_path, fmt):
     b = write_shard(tmp_path, fmt, 1, 2, [4, 2], rng, 3)
     assert finalize(tmp_path, 2, manifest_fields(fmt, {"train": 5}))["schema_version"] == SCHEMA_VERSION
     c = open_cache(tmp_path)
+    assert c.splits == ["train"]
     np.testing.assert_array_equal(c.read("train", "pooled:mean"), np.concatenate([a[0], b[0]]).astype(np.float32))
     values, offsets = c.read("train", "tokens")
     np.testing.assert_array_equal(offsets, [0, 2, 5, 6, 10, 12])
@@ -114,3 +115,9 @@ def test_background_writer_turns_full_disk_into_user_error(tmp_path):
     bg.write("train", "tokens", 0, np.zeros(1))
     with pytest.raises(AdlError, match="disk full"):
         bg.join()
+
+
+def test_splits_come_train_validation_test_first(tmp_path):
+    write_shard(tmp_path, "zarr", 0, 1, [1], np.random.default_rng(0), 0)
+    finalize(tmp_path, 1, manifest_fields("zarr", {"unlabeled": 1, "test": 1, "train": 1, "validation": 1}))
+    assert open_cache(tmp_path).splits == ["train", "validation", "test", "unlabeled"]

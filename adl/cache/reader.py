@@ -28,6 +28,9 @@ from adl.cache.writer import shard_name
 from adl.errors import AdlError
 
 
+SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2}
+
+
 class LazyRows:
     """Row-concatenation of per-shard arrays; slicing rows returns float32 numpy."""
 
@@ -71,7 +74,8 @@ class Cache:
     # -- what the cache is ---------------------------------------------------------
     @property
     def splits(self) -> list[str]:
-        return list(self.manifest["splits"])
+        """Split names, train / validation / test first (the manifest's JSON keys are sorted)."""
+        return sorted(self.manifest["splits"], key=lambda s: (SPLIT_ORDER.get(s, len(SPLIT_ORDER)), s))
 
     @property
     def views(self) -> list[str]:
