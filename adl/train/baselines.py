@@ -38,7 +38,7 @@ from adl.train.data import TrainData, load_data
 from adl.train.heads import masked_mean
 from adl.train.metrics import hidden_state_variability, selection_metric
 from adl.train.plots import plot_baselines
-from adl.train.run import make_head, prepare_out
+from adl.train.run import epoch_progress, make_head, prepare_out
 from adl.train.trainer import fit
 
 HSV_ROWS = 4096  # rows (examples or words) for the hsv score: memory HSV_ROWS * L * D * 4 bytes
@@ -63,8 +63,9 @@ def _train(name: str, label: str, shown, cfg: TrainConfig, views: _Views, consol
     data = views.for_head(name)
     torch.manual_seed(cfg.seed)
     head = make_head(cfg, data, views.cache.manifest, name=name, **extra)
-    result = fit(head, data, cfg)
-    m = result.metric
+    m = selection_metric(data.task)
+    with epoch_progress(console, label, cfg.max_epochs) as tick:
+        result = fit(head, data, cfg, on_epoch=lambda row, h: tick(row[f"val_{m}"]))
     row = {"name": label, "layer": shown, f"val_{m}": result.validation[m],
            f"test_{m}": result.test[m] if result.test else None, "params": result.params,
            "seconds": round(result.seconds, 3), "hsv": None}

@@ -11,12 +11,13 @@ A run folder (``--out``, default ``runs/<cache>-<head>-<YYYYmmdd-HHMMSS>``) hold
     layer_weights.png          layer weights over epochs
     layer_weights_final.png    final weight per layer
 
-head.safetensors/head.json are rewritten on every validation improvement, so a run that
-diverges or is interrupted keeps its last good head.
+head.safetensors/head.json are rewritten on every validation improvement and history.csv after
+every epoch, so a run that diverges or is interrupted keeps its last good head and its history.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from torch import nn
 
@@ -168,6 +170,23 @@ class EpochTable:
         return t
 
 
+@contextlib.contextmanager
+def epoch_progress(console: Console, what: str, epochs: int):
+    """A transient bar over configuration-epochs (early stops may end it short of ``epochs``);
+    yields ``tick(val)``, called after every epoch of every configuration with its validation score."""
+    best = -float("inf")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(what, total=epochs)
+
+        def tick(val: float) -> None:
+            nonlocal best
+            best = max(best, val)
+            bar.update(task, advance=1, description=f"{what}, best validation {best:.4f}")
+
+        yield tick
+
+
 def summary_line(head: str, doc: dict) -> str:
     m, test = doc["metric"], doc["test"]
     score = f"test {m} {test[m]:.4f}" if test else f"val {m} {doc['validation'][m]:.4f} (no labelled test split)"
@@ -200,12 +219,16 @@ def run_train(cfg: TrainConfig, *, console: Console | None = None) -> dict:
             "projection": cache.manifest.get("projection"), "gelu_in_cache": gelu_in_cache(cache.manifest, view),
             "cache_hash": cache.hash}
     table = EpochTable(console, selection_metric(data.task), data.layers)
+
+    def on_epoch(row: dict, h: nn.Module) -> None:
+        table.update(row, h)
+        write_history(out / "history.csv", table.history)  # an interrupted run keeps its history
+
     try:
         with table:
-            result = fit(head, data, cfg, on_epoch=table.update,
+            result = fit(head, data, cfg, on_epoch=on_epoch,
                          on_best=lambda h, epoch: save_head(out, h, {**info, "epoch": epoch}))
     except TrainingDiverged as e:
-        write_history(out / "history.csv", table.history)
         where = f" in {out}/head.safetensors" if e.best_epoch else ""
         raise AdlError(f"{e}{where}") from None
     save_head(out, head, {**info, "epoch": result.best_epoch})

@@ -28,7 +28,7 @@ from adl.train.config import resolve, view_for
 from adl.train.data import TrainData, load_data
 from adl.train.group import fit_group, group_key
 from adl.train.metrics import selection_metric
-from adl.train.run import make_head
+from adl.train.run import epoch_progress, make_head
 from adl.train.study import OrderedGridSampler, SweepStudy, default_storage, safe_url
 from adl.train.sweep import SweepConfig, SweepSpace
 from adl.train.sweep_report import baseline_paths, write_csv, write_outputs
@@ -127,6 +127,7 @@ class Worker:
 
         def on_epoch(i: int, row: dict) -> bool:
             job = jobs[i]
+            tick(row[f"val_{self.metric}"])
             if not (prune and job.first):
                 return False
             job.trial.report(row[f"val_{self.metric}"], row["epoch"])
@@ -135,10 +136,12 @@ class Worker:
                 return True
             return False
 
-        if self.cfg.vectorise:
-            results = fit_group(heads, data, [j.cfg for j in jobs], on_epoch=on_epoch)
-        else:
-            results = [self._solo(h, data, j, i, on_epoch) for i, (h, j) in enumerate(zip(heads, jobs))]
+        what = f"training {len(jobs)} configuration(s){' together' if self.cfg.vectorise else ''}"
+        with epoch_progress(self.console, what, sum(j.cfg.max_epochs for j in jobs)) as tick:
+            if self.cfg.vectorise:
+                results = fit_group(heads, data, [j.cfg for j in jobs], on_epoch=on_epoch)
+            else:
+                results = [self._solo(h, data, j, i, on_epoch) for i, (h, j) in enumerate(zip(heads, jobs))]
         for job, res in zip(jobs, results):
             if isinstance(res, TrainingDiverged):
                 job.error = str(res)
@@ -207,11 +210,15 @@ def train_baselines(worker: Worker, out) -> None:
                              "--baselines off skips them)", highlight=False)
         fixed = {"adalayers": lambda i: dict(name="single-layer", layer=i),
                  "adalayers-pooled": lambda i: dict(name="adalayers-pooled", fixed_layer=i)}[base.head]
-        rows = []
-        for i, layer in enumerate([*cache.layers, None]):
-            torch.manual_seed(base.seed)
-            kw = fixed(i) if layer is not None else dict(name="last-layer")
-            res = fit(make_head(base, data, cache.manifest, **kw), data, base)
+        rows, runs = [], [*cache.layers, None]
+        with epoch_progress(worker.console, "baselines", len(runs) * base.max_epochs) as tick:
+            results = []
+            for i, layer in enumerate(runs):
+                torch.manual_seed(base.seed)
+                kw = fixed(i) if layer is not None else dict(name="last-layer")
+                results.append(fit(make_head(base, data, cache.manifest, **kw), data, base,
+                                   on_epoch=lambda row, h: tick(row[f"val_{worker.metric}"])))
+        for layer, res in zip(runs, results):
             m = res.metric
             rows.append({"name": "single-layer" if layer is not None else "last-layer",
                          "layer": layer if layer is not None else cache.layers[-1], f"val_{m}": res.validation[m],
