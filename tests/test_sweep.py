@@ -98,11 +98,12 @@ def test_grid_points_are_grouped_by_shape(tmp_path):
 
 # ---- grouped training == solo training -------------------------------------------------------
 
-@pytest.mark.parametrize("name, head", [("seq", "adalayers-pooled"), ("seq", "adalayers"), ("ner", "adalayers")])
-def test_group_matches_solo(caches, name, head):
+@pytest.mark.parametrize("name, head, affine", [("seq", "adalayers-pooled", False), ("seq", "adalayers", False),
+                                                ("ner", "adalayers", False), ("seq", "adalayers-pooled", True)])
+def test_group_matches_solo(caches, name, head, affine):
     cache = open_cache(caches[name])
     base = TrainConfig(cache=str(caches[name]), head=head, k=8, heads=2, ff=16, hidden=8, dropout=0.0, max_epochs=4,
-                       patience=2, lr_patience=1, lr=3e-3, batch_size=16, seed=1)
+                       patience=2, lr_patience=1, lr=3e-3, batch_size=16, seed=1, norm_affine=affine)
     points = [dict(alpha=1.0, cutoff=0.0, lam=0.0), dict(alpha=4.0, cutoff=0.2, lam=0.05, weight_decay=0.0),
               dict(alpha=16.0, lr=1e-2, weight_decay=0.1, patience=1)]
     cfgs = [resolve(dataclasses.replace(base, **p), cache) for p in points]

@@ -112,33 +112,46 @@ class _Probe(nn.Module):
             return logits, ent, lasso
 
 
-def grouped_features(mix, z: Tensor, params: dict) -> Tensor | None:
-    """LayerMix._project for the whole group: (..., L, D) -> (G, ..., L, k), or None when the
-    mix is absent or fixed to one layer (then each configuration projects inside vmap).
+def grouped_features(mix, z: Tensor, W: Tensor, params: dict) -> Tensor:
+    """LayerMix._project for the whole group: (..., L, D) -> (G, ..., L, k).
 
-        f_g = N(GELU(Z) W_g^T) (* gamma_g + beta_g)     W: (G, L, k, D)
+        f_g = N(GELU(Z) W_g^T) (* gamma_g + beta_g)
+
+    ``W`` is the group's projection stored as (G, L, D, k) (each W_g transposed): one
+    (N, D) x (D, G*k) GEMM per layer. Bringing W into that (L, D, G*k) layout, and its gradient
+    back, moves rows of k contiguous floats; from the (G, L, k, D) stack of the heads it would
+    be a full transpose of every W_g, forward and backward, which cost more than the GEMM.
     """
-    if mix is None or mix.fixed_layer is not None:
-        return None
+    G, L, D, k = W.shape
     h = F.gelu(z) if mix.activation else z
-    f = F.layer_norm(torch.einsum("...ld,glkd->g...lk", h, params["mix.W"]), (mix.k,))
+    lead = h.shape[:-2]
+    W = W.permute(1, 2, 0, 3).reshape(L, D, G * k)
+    f = torch.bmm(h.reshape(-1, L, D).transpose(0, 1), W).view(L, -1, G, k)  # (L, N, G, k)
+    f = F.layer_norm(f, (k,))
     if "mix.gamma" in params:
-        shape = (f.shape[0],) + (1,) * (f.dim() - 3) + f.shape[-2:]
-        f = f * params["mix.gamma"].view(shape) + params["mix.beta"].view(shape)
-    return f
+        f = f * params["mix.gamma"].transpose(0, 1)[:, None] + params["mix.beta"].transpose(0, 1)[:, None]
+    return f.permute(2, 1, 0, 3).unflatten(1, lead)  # a view: (G, ..., L, k)
 
 
 class _Group:
-    """The stacked state of the still-running configurations (``rows`` = their indices in 0..G-1)."""
+    """The stacked state of the still-running configurations (``rows`` = their indices in 0..G-1).
+
+    Parameters are stacked with the configuration on dim 0; the mix's projection, when the
+    group computes it outside vmap (``grouped_features``), is kept transposed: (G, L, D, k).
+    """
 
     def __init__(self, heads: list[nn.Module], cfgs, device):
         self.probe = _Probe(heads[0])
+        mix = self.probe.mix
+        self.grouped = mix is not None and mix.fixed_layer is None
         named = dict(heads[0].named_parameters())
         no_decay = {id(p) for p in param_groups(heads[0], 0.0)[1]["params"]}
         params, buffers = stack_module_state(heads)
         self.params = {n: params[n].detach() for n in named if named[n].requires_grad}
         self.frozen = {n: params[n].detach() for n in named if not named[n].requires_grad}
         self.buffers = dict(buffers)
+        if self.grouped:
+            self.params["mix.W"] = self.params["mix.W"].transpose(-1, -2).contiguous()  # (G, L, D, k)
         self.decays = [id(named[n]) not in no_decay for n in self.params]
         self.m = [torch.zeros_like(p) for p in self.params.values()]
         self.v = [torch.zeros_like(p) for p in self.params.values()]
@@ -163,17 +176,27 @@ class _Group:
 
     def state(self, i: int) -> dict:
         """Configuration ``rows[i]``'s parameters as a head state_dict fragment (copies)."""
-        return {n: t[i].clone() for d in (self.params, self.frozen) for n, t in d.items()}
+        out = {n: t[i].clone() for d in (self.params, self.frozen) for n, t in d.items()}
+        if self.grouped:
+            out["mix.W"] = out["mix.W"].transpose(-1, -2).contiguous()
+        return out
 
     def _vmapped(self, fn, params, feats, z, mask, y=None, extra=()):
-        """vmap ``fn(params, frozen, buffers, alpha, cutoff, *extra, feats, z, mask, y)`` over the group."""
+        """vmap ``fn(params, frozen, buffers, alpha, cutoff, *extra, feats, z, mask, y)`` over the group.
+
+        A grouped projection is not passed in: ``feats`` replaces it inside the head."""
+        if self.grouped:
+            params = {n: t for n, t in params.items() if n != "mix.W"}
         dims = (0,) * (5 + len(extra)) + (None if feats is None else 0, None, None, None)
         return vmap(fn, in_dims=dims, randomness="different")(
             params, self.frozen, self.buffers, self.alpha, self.cutoff, *extra, feats, z, mask, y)
 
+    def features(self, z: Tensor, params: dict) -> Tensor | None:
+        return grouped_features(self.probe.mix, z, params["mix.W"], params) if self.grouped else None
+
     def call(self, z, mask, what: str):
         """(G, ...) logits or layer weights of every running configuration (no grad)."""
-        feats = grouped_features(self.probe.mix, z, self.params) if what == "logits" else None
+        feats = self.features(z, self.params) if what == "logits" else None
 
         def fn(p, f, b, a, c, feat, z, mask, y):
             return functional_call(self.probe, ({**_prefixed(p), **_prefixed(f)}, _prefixed(b)),
@@ -195,8 +218,7 @@ class _Group:
             return ce + lam * ent + lasso * gl  # trainer.objective
 
         def total(params, z, mask, y):
-            feats = grouped_features(self.probe.mix, z, params)
-            losses = self._vmapped(loss, params, feats, z, mask, y, extra=(self.lam, self.lasso))
+            losses = self._vmapped(loss, params, self.features(z, params), z, mask, y, extra=(self.lam, self.lasso))
             return losses.sum(), losses
 
         grad_fn = grad_and_value(total, has_aux=True)
@@ -208,8 +230,7 @@ class _Group:
         return step
 
     def start_epoch(self, lr: Tensor) -> None:
-        """This epoch's per-configuration lr (float64, host): AdamW classes of equal (lr, wd)."""
-        self._lr = lr
+        """This epoch's per-configuration lr (float64, host): AdamW classes of equal (lr, weight decay)."""
         classes: dict[tuple, list[int]] = {}
         for i, key in enumerate(zip(lr.tolist(), self.wd.tolist())):
             classes.setdefault(key, []).append(i)
