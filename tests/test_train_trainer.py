@@ -67,11 +67,11 @@ def test_single_layer_trains_its_projection(seq_cache):
     b = next(data.train.batches(16, epoch=1))
     objective(head, head(b.z, b.mask), b.y, cfg).backward()
     g = head.mix.W.grad
-    assert g[1].abs().sum() > 0  # W_1 gets gradient (the reference code ran this under no_grad)
-    assert torch.all(g[[0, 2, 3]] == 0)  # the other projections are not used
+    assert g.shape[0] == 1  # only W_1 exists, so the parameter count is the head's real size
+    assert g.abs().sum() > 0  # W_1 gets gradient (the reference code ran this under no_grad)
     before = head.mix.W.detach().clone()
     fit(head, data, dataclasses.replace(cfg, max_epochs=1))
-    assert not torch.equal(before[1], head.mix.W.detach()[1])
+    assert not torch.equal(before, head.mix.W.detach())
 
 
 def test_same_seed_same_numbers(seq_cache):

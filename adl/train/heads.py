@@ -83,7 +83,8 @@ class LayerMix(nn.Module):
     kept logits move (e.g. become more equal, which lowers their log-sum-exp and raises s_i).
 
     ``fixed_layer=i`` is the single-layer baseline: w is one-hot on i, p is unused and frozen,
-    but W_i IS trained (the reference code ran this under no_grad: a random projection).
+    and ``W`` is (1, k, D), layer i's projection only, which IS trained (the reference code ran
+    this under no_grad: a random projection).
     """
 
     def __init__(self, n_layers: int, in_dim: int, k: int, *, alpha: float = 1.0, cutoff: float = 0.0,
@@ -100,10 +101,14 @@ class LayerMix(nn.Module):
         self.alpha, self.cutoff, self.activation = float(alpha), float(cutoff), activation
         self.fixed_layer = None if fixed_layer is None else _layer_index(fixed_layer, n_layers)
         bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default init, per layer
-        self.W = nn.Parameter(torch.empty(n_layers, k, in_dim).uniform_(-bound, bound))
+        W = torch.empty(n_layers, k, in_dim).uniform_(-bound, bound)
+        n_proj = n_layers
+        if self.fixed_layer is not None:  # keep only layer i's projection (drawn as in the full head)
+            W, n_proj = W[self.fixed_layer : self.fixed_layer + 1].clone(), 1
+        self.W = nn.Parameter(W)
         self.p = nn.Parameter(torch.zeros(n_layers), requires_grad=layers_trainable and fixed_layer is None)
-        self.gamma = nn.Parameter(torch.ones(n_layers, k)) if norm_affine else None
-        self.beta = nn.Parameter(torch.zeros(n_layers, k)) if norm_affine else None
+        self.gamma = nn.Parameter(torch.ones(n_proj, k)) if norm_affine else None
+        self.beta = nn.Parameter(torch.zeros(n_proj, k)) if norm_affine else None
         if self.fixed_layer is not None:
             self.register_buffer("one_hot", F.one_hot(torch.tensor(self.fixed_layer), n_layers).float(),
                                  persistent=False)
@@ -149,10 +154,9 @@ class LayerMix(nn.Module):
         if tuple(z.shape[-2:]) != (self.n_layers, self.in_dim):
             raise AdlError(f"head expects {self.n_layers} hidden states of width {self.in_dim}, got shape "
                            f"{tuple(z.shape)}; build the head from this cache's manifest")
-        if self.fixed_layer is not None:  # only the chosen layer's projection is computed
+        if self.fixed_layer is not None:  # W holds only the chosen layer's projection
             i = slice(self.fixed_layer, self.fixed_layer + 1)
-            g, b = (self.gamma[i], self.beta[i]) if self.gamma is not None else (None, None)
-            return self._project(z[..., i, :], self.W[i], g, b).squeeze(-2)
+            return self._project(z[..., i, :], self.W, self.gamma, self.beta).squeeze(-2)
         f = self._project(z, self.W, self.gamma, self.beta)  # (..., L, k)
         return torch.einsum("...lk,l->...k", f, self.weights())
 

@@ -26,7 +26,7 @@ def _save(fig, path: Path) -> None:
     """Write via a temporary file + rename: several workers may redraw the same figure at once."""
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")  # long row labels stay inside
     plt.close(fig)
     os.replace(tmp, path)
 
@@ -44,7 +44,11 @@ def _nan(v) -> float:
 
 
 def point_label(row: dict, dims: list[str]) -> str:
-    return " ".join(f"{'lambda' if d == 'lam' else d}={row.get(d)}" for d in dims)
+    def fmt(v):
+        n = _num(v)
+        return f"{n:g}" if n is not None else v
+
+    return " ".join(f"{'lambda' if d == 'lam' else d}={fmt(row.get(d))}" for d in dims)
 
 
 def plot_metric_vs_hparams(rows: list[dict], dims: list[str], metric: str, path: Path) -> None:
