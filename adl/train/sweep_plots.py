@@ -115,8 +115,10 @@ def plot_quality_vs_params(rows: list[dict], baselines: list[dict], metric: str,
     if singles:
         ax.scatter([b["params"] for b in singles], [b[split] for b in singles], marker="s", s=26,
                    color="tab:gray", label="single layer")
-        for b in singles:
-            ax.annotate(str(b["layer"]), (b["params"], b[split]), fontsize=7, xytext=(3, 3),
+        # labels alternate sides in score order, so two layers with near-equal scores stay legible
+        for i, b in enumerate(sorted(singles, key=lambda b: b[split])):
+            ax.annotate(str(b["layer"]), (b["params"], b[split]), fontsize=7, va="center",
+                        xytext=(5 if i % 2 else -5, 0), ha="left" if i % 2 else "right",
                         textcoords="offset points")
         top = max(b[split] for b in singles)
         ax.axhline(top, color="tab:gray", linestyle="--", linewidth=1, label=f"best single layer ({top:.3f})")
