@@ -114,16 +114,20 @@ class SplitData:
         """Pad examples ``idx`` to z (B, T, L, D), mask (B, T), y; ``src`` holds rows from ``base``."""
         lens = self.lengths[idx]
         B, T = len(idx), int(lens.max())
-        b = np.repeat(np.arange(B), lens)  # batch slot of every real token
-        t = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)  # its position
-        rows = np.repeat(self.offsets[idx], lens) + t  # its row in the split
         pin = self.device.type == "cuda"
-        z = torch.zeros((B, T, self.n_layers, self.dim), dtype=torch.float32, pin_memory=pin)
-        mask = torch.zeros((B, T), dtype=torch.bool, pin_memory=pin)
-        bt = (torch.from_numpy(b), torch.from_numpy(t))
-        z[bt] = src[torch.from_numpy(rows - base)]
-        mask[bt] = True
+        # one contiguous copy per example and zeros on its padding only: a gather into a zeroed
+        # (B, T, L, D) tensor writes that tensor twice, and it is the largest one of the step
+        z = torch.empty((B, T, self.n_layers, self.dim), dtype=torch.float32, pin_memory=pin)
+        for i, (a, n) in enumerate(zip((self.offsets[idx] - base).tolist(), lens.tolist())):
+            z[i, :n] = src[a:a + n]
+            z[i, n:] = 0.0
+        mask = torch.from_numpy(np.arange(T) < lens[:, None])
+        mask = mask.pin_memory() if pin else mask
         if self.task == "token":
+            b = np.repeat(np.arange(B), lens)  # batch slot of every real token
+            t = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)  # its position
+            rows = np.repeat(self.offsets[idx], lens) + t  # its row in the split
+            bt = (torch.from_numpy(b), torch.from_numpy(t))
             y = torch.full((B, T), -100, dtype=torch.int64, pin_memory=pin)
             y[bt] = torch.from_numpy(self.labels[rows])
         else:
