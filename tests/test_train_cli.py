@@ -37,6 +37,7 @@ def test_train_writes_a_run_that_rebuilds_without_the_cache(caches, tmp_path, na
     res = invoke("train", "--cache", caches[name], "--out", out, "--lambda", "0.02", *FAST)
     assert res.exit_code == 0, res.output
     assert "head: adalayers (picked" in res.output and "trainable parameters" in res.output
+    assert "epoch 1: loss " in res.output  # not a terminal (a log file): one plain line per epoch
     for f in ("config.json", "metrics.json", "history.csv", "head.safetensors", "head.json",
               "layer_weights.png", "layer_weights_final.png"):
         assert (out / f).is_file(), f

@@ -147,26 +147,34 @@ class EpochTable:
         self.live = Live(self._table(), console=console, refresh_per_second=4, auto_refresh=False)
 
     def __enter__(self):
-        self.live.start()
+        if self.console.is_terminal:  # a log file gets one plain line per epoch instead
+            self.live.start()
         return self
 
     def __exit__(self, *exc):
-        self.live.stop()
-        if not self.console.is_terminal:  # a non-terminal Live leaves its last line unterminated
-            self.console.line()
+        if self.console.is_terminal:
+            self.live.stop()
 
     def update(self, row: dict, head) -> None:
         self.history.append(row)
-        self.live.update(self._table(), refresh=True)
+        if self.console.is_terminal:
+            self.live.update(self._table(), refresh=True)
+        else:
+            epoch, loss, val, lr, active = self._cells(row)
+            self.console.print(f"epoch {epoch}: loss {loss}, val {self.metric} {val}, lr {lr}, active layers {active}",
+                               highlight=False)
+
+    def _cells(self, r: dict) -> tuple[str, ...]:
+        active = [str(l) for l in self.layers if r[f"w_{l}"] > 0]
+        return (str(r["epoch"]), f"{r['loss']:.4f}", f"{r['val_' + self.metric]:.4f}", f"{r['lr']:.2g}",
+                ",".join(active) if len(active) < len(self.layers) else "all")
 
     def _table(self) -> Table:
         t = Table(title=f"training (selection: validation {self.metric})", box=None, header_style="bold")
         for col in ("epoch", "loss", f"val {self.metric}", "lr", "active layers"):
             t.add_column(col, justify="right")
         for r in self.history[-self.rows:]:
-            active = [str(l) for l in self.layers if r[f"w_{l}"] > 0]
-            t.add_row(str(r["epoch"]), f"{r['loss']:.4f}", f"{r['val_' + self.metric]:.4f}", f"{r['lr']:.2g}",
-                      ",".join(active) if len(active) < len(self.layers) else "all")
+            t.add_row(*self._cells(r))
         return t
 
 
