@@ -52,8 +52,8 @@ def load_model():
 
 
 def bare_forward(model, tok, spec: str, limit: int | None, batch_size: int) -> float:
-    budget = ExtractConfig(model="minilm", dataset=spec, batch_size=batch_size).token_budget
     """Seconds of the forward passes alone over adl's batches of ``spec``."""
+    budget = ExtractConfig(model="minilm", dataset=spec, batch_size=batch_size).token_budget
     ds = load_dataset(spec, limit=limit)
     batches = []
     for name, split in ds.splits.items():
