@@ -90,3 +90,18 @@ def test_blocks_cover_everything_once():
     lengths = np.array([3, 3, 4, 9, 2, 2])
     assert _blocks(lengths, 7) == [(0, 2), (2, 3), (3, 4), (4, 6)]  # the 9-token example gets its own block
     assert _blocks(lengths, 100) == [(0, 6)]
+
+
+def test_a_split_in_one_block_gets_the_same_batches_streamed_or_loaded(caches):
+    cache = open_cache(caches["ner"])
+    L, D = 4, 8
+    total = sum(int(cache.offsets(s)[-1]) for s in ("train", "validation", "test")) * L * D * 4
+    whole = load_data(cache, "tokens", device="cpu", seed=0, memory_gb=1.0)
+    streamed = load_data(cache, "tokens", device="cpu", seed=0, memory_gb=(total - 1) / 1e9)
+    assert streamed.train.blocks != whole.train.blocks  # the budget really streams
+    for name in ("validation", "test"):
+        a, b = getattr(whole, name), getattr(streamed, name)
+        assert b._resident is None and len(b.blocks) == 1
+        for x, y in zip(a.batches(3, epoch=5), b.batches(3, epoch=5), strict=True):
+            assert x.index.tolist() == y.index.tolist()
+            assert torch.equal(x.z, y.z) and torch.equal(x.y, y.y) and torch.equal(x.mask, y.mask)

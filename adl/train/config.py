@@ -82,7 +82,7 @@ class TrainConfig:
     keep: float = _opt("head2toe: fraction of layers (groups) kept by weight norm", 0.25)
     # data and machine
     pool: str | None = _opt("pooled view for pooled heads (None = mean if present)")
-    memory_gb: float = _opt("RAM budget for the tokens view: loaded whole below it, streamed above", 4.0)
+    memory_gb: float = _opt("RAM budget for the tokens view: loaded whole below it, streamed above", 8.0)
     device: str = _opt("auto | cpu | cuda | cuda:N | mps", "auto")
     overwrite: bool = _opt("write into an existing run folder", False)
 
