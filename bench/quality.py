@@ -105,7 +105,6 @@ def main() -> None:
     if report.get("seeds") != args.seeds:  # tasks run now are merged into a report of the same protocol
         report = {}
     report.update(model="minilm (all-MiniLM-L6-v2, 7 hidden states)", seeds=args.seeds)
-    report.pop("max_epochs", None)  # now per task, in train_overrides
     report.setdefault("tasks", {})
     for name in args.tasks.split(","):
         if name not in TASKS:

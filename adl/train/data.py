@@ -118,19 +118,17 @@ class SplitData:
         # one contiguous copy per example and zeros on its padding only: a gather into a zeroed
         # (B, T, L, D) tensor writes that tensor twice, and it is the largest one of the step
         z = torch.empty((B, T, self.n_layers, self.dim), dtype=torch.float32, pin_memory=pin)
-        for i, (a, n) in enumerate(zip((self.offsets[idx] - base).tolist(), lens.tolist())):
-            z[i, :n] = src[a:a + n]
+        token_task = self.task == "token"
+        if token_task:
+            y = torch.full((B, T), -100, dtype=torch.int64, pin_memory=pin)
+        for i, (a, n) in enumerate(zip(self.offsets[idx].tolist(), lens.tolist())):
+            z[i, :n] = src[a - base:a - base + n]
             z[i, n:] = 0.0
+            if token_task:
+                y[i, :n] = torch.from_numpy(self.labels[a:a + n])
         mask = torch.from_numpy(np.arange(T) < lens[:, None])
         mask = mask.pin_memory() if pin else mask
-        if self.task == "token":
-            b = np.repeat(np.arange(B), lens)  # batch slot of every real token
-            t = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)  # its position
-            rows = np.repeat(self.offsets[idx], lens) + t  # its row in the split
-            bt = (torch.from_numpy(b), torch.from_numpy(t))
-            y = torch.full((B, T), -100, dtype=torch.int64, pin_memory=pin)
-            y[bt] = torch.from_numpy(self.labels[rows])
-        else:
+        if not token_task:
             y = torch.from_numpy(np.where(self.labels[idx] < 0, -100, self.labels[idx]))
         return Batch(_to(z, self.device), _to(mask, self.device), _to(y, self.device), idx)
 
