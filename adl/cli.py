@@ -105,7 +105,7 @@ def info(
     from rich.console import Console
 
     from adl.cache import open_cache
-    from adl.extract.summary import summary
+    from adl.cache.summary import summary
 
     with open_cache(path) as cache:
         if json_:

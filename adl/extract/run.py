@@ -30,6 +30,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 
 from adl.cache import BackgroundWriter, ShardWriter, finalize, read_manifest
+from adl.cache.summary import human
 from adl.errors import AdlError
 from adl.extract import models, plan, projection, tokenize
 from adl.extract.config import ExtractConfig, layer_indices
@@ -119,8 +120,8 @@ def _settle(cfg, root, task, info, splits, layers, max_length, console) -> dict:
     sizes = tokenize.view_bytes(splits, len(layers), info.hidden_size, token_dim, len(pools),
                                 2 if cfg.dtype == "float16" else 4)
     free = plan.free_bytes(root)
-    console.print(f"size estimate: pooled ({', '.join(pools)}) {plan.human(sizes['pooled'])}, tokens "
-                  f"{plan.human(sizes['tokens'])} ({len(layers)} x {token_dim} per token); {plan.human(free)} free")
+    console.print(f"size estimate: pooled ({', '.join(pools)}) {human(sizes['pooled'])}, tokens "
+                  f"{human(sizes['tokens'])} ({len(layers)} x {token_dim} per token); {human(free)} free")
 
     def decide() -> dict:
         views, note = plan.choose_views(cfg.views, task, sizes, free)

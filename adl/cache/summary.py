@@ -5,8 +5,16 @@ from __future__ import annotations
 from rich.console import Group
 from rich.table import Table
 
-from adl.cache import Cache
-from adl.extract.plan import human
+from adl.cache.reader import Cache
+
+
+def human(n: float) -> str:
+    """Bytes in decimal units: 1.5 GB."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
 
 
 def view_shape(cache: Cache, split: str, view: str) -> tuple[int, ...]:
