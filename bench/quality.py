@@ -1,6 +1,6 @@
 """Quality on real data: adalayers vs best single layer vs last layer vs scalar mix vs head2toe.
 
-The real all-MiniLM-L6-v2 (7 hidden states) on two real offline data sets (DATA.md):
+The real all-MiniLM-L6-v2 (7 hidden states) on two real offline data sets (docs/data.md):
 WNUT-16 Twitter NER (entity F1, tokens view) and the crowd-labelled tweet sentiment corpus
 (accuracy, pooled view: the adalayers-pooled head), seeded splits, ``--seeds`` training seeds,
 every method trained by `adl baselines` with the same trainer and budget.
