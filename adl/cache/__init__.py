@@ -6,6 +6,7 @@ the reading API and writer.py for the on-disk layout.
 
 from adl.cache.manifest import SCHEMA_VERSION, manifest_hash, read_json, read_manifest, write_json
 from adl.cache.reader import Cache, LazyRows, open_cache
+from adl.cache.verify import verify_cache
 from adl.cache.writer import BackgroundWriter, ShardWriter, SplitLayout, finalize, shard_name
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
     "read_json",
     "read_manifest",
     "shard_name",
+    "verify_cache",
     "write_json",
 ]

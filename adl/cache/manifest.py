@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 from adl import __version__
+from adl.cache.durable import read_json, write_json
 from adl.errors import AdlError
 
-SCHEMA_VERSION = 1
+# 2: done.json records rows and chunk checksums per array; zarr stores every chunk
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 
 # Keys the writer must provide; the reader relies on them.
@@ -37,15 +38,11 @@ REQUIRED = (
 )
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Write sorted JSON atomically (temp file + rename), so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+__all__ = ["MANIFEST", "REQUIRED", "SCHEMA_VERSION", "manifest_hash", "read_json", "read_manifest", "write_json",
+           "write_manifest"]
+# Types of the fields the reader relies on: a manifest that breaks them is refused.
+TYPES = {"splits": dict, "layers": list, "views": list, "label_names": list, "num_shards": int, "format": str,
+         "task": str, "hidden_size": int, "token_dim": int}
 
 
 def write_manifest(root: Path, fields: dict) -> dict:
@@ -74,21 +71,28 @@ def read_manifest(root: Path) -> dict:
             f"{root} is not a complete adl cache (no {MANIFEST}): its extraction did not finish; "
             "rerun the same `adl extract` command to resume it"
         )
+    redo = "re-extract with `adl extract ... --overwrite`"
     try:
         manifest = read_json(path)
-    except (OSError, json.JSONDecodeError) as e:
-        raise AdlError(f"{path} is unreadable ({e}); re-extract with `adl extract ... --overwrite`") from None
-    version = manifest.get("schema_version")
-    if not isinstance(version, int):
-        raise AdlError(f"{path} has no schema_version: not an adl cache manifest")
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise AdlError(f"{path} is unreadable or truncated ({str(e).splitlines()[0]}): {redo}") from None
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise AdlError(f"{path} has no schema_version: not an adl cache manifest; {redo}")
     if version > SCHEMA_VERSION:
         raise AdlError(
             f"{root} was written by a newer adl (cache schema {version}, this adl reads up to "
             f"{SCHEMA_VERSION}): upgrade adl (`pip install -U adl`)"
         )
+    if version < SCHEMA_VERSION:
+        raise AdlError(f"{root} was written by an older adl (cache schema {version}, this adl reads schema "
+                       f"{SCHEMA_VERSION}, which adds checksums): {redo}")
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
-        raise AdlError(f"{path} is incomplete (missing {', '.join(missing)}); re-extract with --overwrite")
+        raise AdlError(f"{path} is incomplete (missing {', '.join(missing)}): {redo}")
+    wrong = [k for k, t in TYPES.items() if not isinstance(manifest[k], t) or isinstance(manifest[k], bool)]
+    if wrong or manifest["num_shards"] < 1:
+        raise AdlError(f"{path} is malformed (bad {', '.join(wrong) or 'num_shards'}): {redo}")
     return manifest
 
 

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from adl.cache.backends import FORMATS, open_backend
 from adl.cache.manifest import manifest_hash, read_manifest
-from adl.cache.writer import shard_name
+from adl.cache.verify import shard_problems
 from adl.errors import AdlError
 
 
@@ -61,15 +60,24 @@ class LazyRows:
 
 
 class Cache:
+    """A finished cache. Opening it checks every shard's files (``verify.shard_problems``:
+    stores, done.json, row counts, every chunk on disk at its size) but reads no data."""
+
     def __init__(self, root: Path):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
-        m = self.manifest
-        self.fmt = m["format"]
-        self._stores = [
-            open_backend(self.root / f"{shard_name(i, m['num_shards'])}{FORMATS[self.fmt]}", self.fmt, "r")
-            for i in range(m["num_shards"])
-        ]
+        self.fmt = self.manifest["format"]
+        self._stores = []
+        for i in range(self.manifest["num_shards"]):
+            store, problems = shard_problems(self.root, self.manifest, i)
+            if problems:
+                self.close()
+                if store is not None:
+                    store.close()
+                more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise AdlError(f"{self.root} is damaged: {problems[0]}{more}; see `adl info {self.root} --check`, "
+                               "then re-extract with `adl extract ... --overwrite`")
+            self._stores.append(store)
 
     # -- what the cache is ---------------------------------------------------------
     @property
@@ -167,6 +175,7 @@ class Cache:
     def close(self) -> None:
         for s in self._stores:
             s.close()
+        self._stores = []
 
     def __enter__(self):
         return self

@@ -5,7 +5,8 @@ Layout of a cache folder::
     manifest.json                       written last, once every shard is done
     shard-00000-of-00002.zarr|.h5       one store per shard, arrays "<split>/<name>"
     shard-00000-of-00002.progress.json  {split: batches committed}, rewritten atomically
-    shard-00000-of-00002.done.json      {split: rows}, once the shard has finished
+    shard-00000-of-00002.done.json      rows per split, and per array its rows and chunk crc32s,
+                                        once the shard has finished (see backends.digest)
     projection.safetensors              per-layer projection, when --project is used
 
 Arrays of a split (rows in extraction order; ``ids`` maps them back to source rows):
@@ -15,14 +16,14 @@ Arrays of a split (rows in extraction order; ``ids`` maps them back to source ro
     word_ids (total_tokens,) int32 (-1: special token)
     token_labels (total_tokens,) int64 (-100: not the first sub-token of a word)
 
-A batch is committed (flush, then the progress file is replaced) only after all its rows
-are written, so a kill loses at most the batches in flight, and a rerun rewrites exactly
-those: the finished cache is bit-identical to an uninterrupted run.
+A batch is committed (its chunks fsynced, then the progress file replaced durably) only
+after all its rows are written, so a kill loses at most the batches in flight, and a rerun
+rewrites exactly those: the finished cache is bit-identical to an uninterrupted run. A
+resume first checks that the stored ids, offsets and labels are the rows it would write.
 """
 
 from __future__ import annotations
 
-import errno
 import queue
 import threading
 from dataclasses import dataclass
@@ -31,9 +32,13 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock, Timeout
 
-from adl.cache.backends import FORMATS, open_backend
-from adl.cache.manifest import read_json, write_json, write_manifest
+from adl.cache.backends import FORMATS, digest, open_backend
+from adl.cache.durable import disk_full_error, is_disk_full, read_json, write_json
+from adl.cache.manifest import MANIFEST, SCHEMA_VERSION, write_manifest
 from adl.errors import AdlError
+
+
+MANIFEST_LOCK = ".manifest.lock"
 
 
 def shard_name(index: int, count: int) -> str:
@@ -88,27 +93,61 @@ class ShardWriter:
 
         ``arrays`` maps a per-split array name to (shape after the first axis, chunk rows),
         e.g. {"pooled_mean": ((L, H), 32), "tokens": ((L, D), 1024)}; the first axis is
-        N for pooled arrays and total_tokens for "tokens".
+        N for pooled arrays and total_tokens for "tokens". A resumed store must hold exactly
+        the rows this run would write (ids, offsets, labels) and arrays of the same shapes.
         """
+        self.names = [f"{split}/{name}" for split, lay in layouts.items() for name in _fixed(lay)]
+        self.names += [f"{split}/{name}" for split in layouts for name in arrays]
         if self.progress_path.is_file() and self.store_path.exists():
             self.progress = read_json(self.progress_path)
-            self.store = open_backend(self.store_path, self.fmt, "a")
-            return
-        self.store = open_backend(self.store_path, self.fmt, "w")
+            try:
+                self.store = open_backend(self.store_path, self.fmt, "a")
+            except Exception as e:  # noqa: BLE001 - any unreadable store is the same advice
+                raise AdlError(f"cannot resume {self.store_path} ({str(e).splitlines()[0]}): "
+                               "rerun with --overwrite to start this extraction again") from None
+            self._check_resume(layouts, arrays, dtype)
+        else:
+            self.store = open_backend(self.store_path, self.fmt, "w")
+            for split, lay in layouts.items():
+                for name, value in _fixed(lay).items():
+                    self._put(f"{split}/{name}", value, chunk_rows if name in ("ids", "offsets") else 1 << 16)
+                for name, (tail, rows) in arrays.items():
+                    shape = (lay.n_tokens if name == "tokens" else lay.n, *tail)
+                    self.store.create(f"{split}/{name}", shape, dtype, _chunks(shape, rows))
+            self.store.sync(everything=True)
+            self.progress = {split: 0 for split in layouts}
+            write_json(self.progress_path, self.progress)
+        self.store.reserve(self._stored_bytes())
+
+    def _check_resume(self, layouts: dict[str, SplitLayout], arrays: dict[str, tuple], dtype: str) -> None:
+        """The stored ids/offsets/labels and array shapes must be the ones this run computed."""
+        redo = "rerun with --overwrite to start this extraction again"
+        if set(self.progress) != set(layouts):
+            raise AdlError(f"{self.progress_path} lists splits {sorted(self.progress)}, this run has "
+                           f"{sorted(layouts)}: {redo}")
         for split, lay in layouts.items():
-            self._put(f"{split}/ids", lay.ids.astype(np.int64), chunk_rows)
-            self._put(f"{split}/offsets", lay.offsets.astype(np.int64), chunk_rows)
-            for name in ("labels", "word_ids", "token_labels"):
-                value = getattr(lay, name)
-                if value is not None:
-                    self._put(f"{split}/{name}", np.asarray(value), 1 << 16)
-            for name, (tail, rows) in arrays.items():
-                first = lay.n_tokens if name == "tokens" else lay.n
-                shape = (first, *tail)
-                self.store.create(f"{split}/{name}", shape, dtype, _chunks(shape, rows))
-        self.store.flush()
-        self.progress = {split: 0 for split in layouts}
-        write_json(self.progress_path, self.progress)
+            for name, value in _fixed(lay).items():
+                key = f"{split}/{name}"
+                stored = np.asarray(self.store.array(key)[:]) if self.store.has(key) else None
+                if stored is None or stored.shape != value.shape or not np.array_equal(stored, value):
+                    raise AdlError(f"{self.store_path}: the stored {key} differ from the rows this run "
+                                   f"computed (data or tokenizer changed?): {redo}")
+            for name, (tail, _) in arrays.items():
+                key = f"{split}/{name}"
+                shape = (lay.n_tokens if name == "tokens" else lay.n, *tail)
+                arr = self.store.array(key) if self.store.has(key) else None
+                if arr is None or tuple(arr.shape) != shape or np.dtype(arr.dtype) != np.dtype(dtype):
+                    raise AdlError(f"{self.store_path}: {key} is not a {dtype} array of shape {shape}: {redo}")
+
+    def _stored_bytes(self) -> int:
+        """The store's final size: every chunk in full (the last one padded), plus metadata slack."""
+        total = 0
+        for name in self.names:
+            arr = self.store.array(name)
+            rows = self.store.chunk_rows(name)
+            row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * np.dtype(arr.dtype).itemsize
+            total += -(-int(arr.shape[0]) // rows) * rows * row_bytes
+        return int(total * 1.01) + (4 << 20)
 
     def _put(self, name: str, value: np.ndarray, rows: int) -> None:
         self.store.create(name, value.shape, value.dtype.str, _chunks(value.shape, rows))
@@ -122,19 +161,42 @@ class ShardWriter:
         self.store.write(f"{split}/{name}", start, data)
 
     def commit(self, split: str, batches_done: int) -> None:
-        self.store.flush()
+        """The batch's rows are durable before the progress file says so."""
+        self.store.sync()
         self.progress[split] = batches_done
         write_json(self.progress_path, self.progress)
 
     def finish(self, rows: dict[str, int]) -> None:
-        self.store.flush()
-        write_json(self.done_path, {"rows": rows})
+        """Check every chunk is on disk, then record per array its rows and chunk checksums."""
+        self.store.sync()
+        lost = [f"{name}: {p}" for name in self.names
+                for p in self.store.missing_chunks(name, int(self.store.array(name).shape[0]))]
+        if lost:
+            raise AdlError(f"{self.store_path} lost committed data ({'; '.join(lost[:3])}): "
+                           "rerun with --overwrite to extract again")
+        arrays = {name: digest(self.store, name) for name in self.names}
+        write_json(self.done_path, {"rows": rows, "arrays": arrays, "schema_version": SCHEMA_VERSION})
 
     def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
+        """Close the store and release the shard lock, also after a failed write."""
+        try:
+            if self.store is not None:
+                self.store.close()
+        except Exception:  # noqa: BLE001 - the first error (a full disk) is the one to report
+            pass
+        finally:
             self.store = None
-        self.lock.release()
+            self.lock.release()
+
+
+def _fixed(lay: SplitLayout) -> dict[str, np.ndarray]:
+    """The arrays known before the backbone runs, as stored."""
+    out = {"ids": lay.ids.astype(np.int64), "offsets": lay.offsets.astype(np.int64)}
+    for name in ("labels", "word_ids", "token_labels"):
+        value = getattr(lay, name)
+        if value is not None:
+            out[name] = np.asarray(value)
+    return out
 
 
 def _chunks(shape: tuple, rows: int) -> tuple:
@@ -184,19 +246,21 @@ class BackgroundWriter:
 
 
 def _as_user_error(e: BaseException, root: Path) -> BaseException:
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return AdlError(
-            f"disk full while writing {root}: free space (or use --project 64, --views pooled, "
-            "--layers) and rerun the same command; committed batches are kept"
-        )
-    return e
+    return disk_full_error(root) if is_disk_full(e) else e
 
 
 def finalize(root: Path, num_shards: int, fields: dict) -> dict | None:
-    """Write the manifest once every shard is done; return it, or None while shards remain."""
+    """Write the manifest once every shard is done; return it, or None while shards remain.
+
+    Exactly once: under the manifest lock, the first finisher writes it and every later
+    caller (a peer shard finishing at the same moment, a rerun) gets that same manifest,
+    so the cache's hash never changes after it is complete.
+    """
     root = Path(root)
     dones = [root / f"{shard_name(i, num_shards)}.done.json" for i in range(num_shards)]
     if not all(p.is_file() for p in dones):
         return None
-    with FileLock(str(root / ".manifest.lock")):
+    with FileLock(str(root / MANIFEST_LOCK)):
+        if (root / MANIFEST).is_file():
+            return read_json(root / MANIFEST)
         return write_manifest(root, {**fields, "num_shards": num_shards})

@@ -1,0 +1,70 @@
+"""Durable files: what adl commits stays committed after a kill -9 or a power cut.
+
+``write_json`` is the one way adl writes its JSON records (progress, done, manifest, plan,
+run configs): a temporary file is written and fsynced, renamed over the target, and the
+folder is fsynced so that the rename itself is on disk. A reader sees the old file or the
+new one, never half of one, and a committed record is not lost to the page cache.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+from adl.errors import AdlError
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of a folder (new names, renames) durable; a no-op where folders
+    cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write sorted JSON atomically and durably: temp file + fsync + rename + fsync(folder)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC / EDQUOT, also when it comes from HDF5 (h5py raises RuntimeError or OSError
+    without errno, and names the C library's errno in the message)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(e, (OSError, RuntimeError)):
+        return False
+    text = str(e)
+    return any(s in text for s in ("No space left on device", "Disk quota exceeded",
+                                   f"errno = {errno.ENOSPC},", f"errno = {errno.EDQUOT},"))
+
+
+def disk_full_error(root: Path) -> AdlError:
+    return AdlError(f"disk full while writing {root}: free space (or use --project 64, --views pooled, "
+                    "--layers) and rerun the same command; committed batches are kept")

@@ -1,0 +1,105 @@
+"""Is a cache whole? ``verify_cache(path)`` -> a list of named problems (empty: all is well).
+
+Every shard's ``done.json`` records, per array, its row count and the crc32 of each chunk's
+rows (``backends.digest``). Two levels of checking use it:
+
+- ``shard_problems(..., checksums=False)``, run by ``open_cache`` on every open: each
+  shard's store and done.json exist, every recorded array has its rows, and every chunk is
+  on disk at its full size (zarr: one stat per chunk file; HDF5: the allocated chunk count).
+  This is what stops a missing chunk from reading back as zeros. It reads no data.
+- ``verify_cache``: the same, plus every chunk's checksum recomputed (one sequential read
+  of the whole cache, bounded by one chunk in memory) and the manifest's split sizes
+  compared with what the shards hold.
+
+A problem reads "<shard> <split>/<array>: what is wrong", e.g.
+"shard-00000-of-00001 train/tokens: rows 4096-8191 (chunk 1) fail their checksum".
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from adl.cache.backends import FORMATS, chunk_count, open_backend
+from adl.cache.durable import read_json
+from adl.cache.writer import shard_name
+from adl.errors import AdlError
+
+
+def shard_problems(root: Path, manifest: dict, index: int, checksums: bool = False):
+    """-> (opened store or None, problems) for shard ``index`` of the cache at ``root``."""
+    fmt, count = manifest["format"], manifest["num_shards"]
+    if fmt not in FORMATS:
+        return None, [f"manifest: unknown format {fmt!r} (this adl reads {', '.join(FORMATS)})"]
+    name = shard_name(index, count)
+    path, done_path = root / f"{name}{FORMATS[fmt]}", root / f"{name}.done.json"
+    if not path.exists():
+        return None, [f"{name}: store {path.name} is missing"]
+    try:
+        done = read_json(done_path)
+        arrays = done["arrays"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, [f"{name}: {done_path.name} is missing or unreadable ({type(e).__name__})"]
+    try:
+        store = open_backend(path, fmt, "r")
+    except Exception as e:  # noqa: BLE001 - any unreadable store is one named problem
+        return None, [f"{name}: store {path.name} cannot be opened ({str(e).splitlines()[0]})"]
+    problems = []
+    for key, rec in sorted(arrays.items()):
+        problems += [f"{name} {key}: {p}" for p in _array_problems(store, key, rec, checksums)]
+    return store, problems
+
+
+def _array_problems(store, key: str, rec: dict, checksums: bool) -> list[str]:
+    if not store.has(key):
+        return ["array missing"]
+    rows = int(store.array(key).shape[0])
+    if rows != rec["rows"]:
+        return [f"{rows} rows, done.json records {rec['rows']}"]
+    missing = store.missing_chunks(key, rows)
+    if missing or not checksums:
+        return missing
+    step, arr, bad = rec["chunk_rows"], store.array(key), []
+    if chunk_count(rows, step) != len(rec["crc32"]):
+        return [f"{len(rec['crc32'])} checksums recorded for {chunk_count(rows, step)} chunks"]
+    for i, want in enumerate(rec["crc32"]):
+        a, b = i * step, min(rows, (i + 1) * step)
+        try:
+            ok = zlib.crc32(np.ascontiguousarray(arr[a:b])) == want
+        except Exception as e:  # noqa: BLE001 - a torn chunk fails to decode: damage, not data
+            bad.append(f"rows {a}-{b - 1} (chunk {i}) unreadable ({str(e).splitlines()[0]})")
+            continue
+        if not ok:
+            bad.append(f"rows {a}-{b - 1} (chunk {i}) fail their checksum")
+    return bad
+
+
+def verify_cache(path) -> list[str]:
+    """Recompute every shard's checksums and compare with the manifest; -> named problems."""
+    from adl.cache.manifest import read_manifest
+
+    root = Path(path)
+    try:
+        manifest = read_manifest(root)
+    except AdlError as e:
+        return [f"manifest: {e}"]
+    problems, held = [], {}
+    for i in range(manifest["num_shards"]):
+        store, found = shard_problems(root, manifest, i, checksums=True)
+        problems += found
+        if store is not None:
+            for split in manifest["splits"]:
+                if store.has(f"{split}/ids"):
+                    held[split] = held.get(split, 0) + int(store.array(f"{split}/ids").shape[0])
+            store.close()
+    if problems:
+        return problems
+    for split, info in sorted(manifest["splits"].items()):
+        if held.get(split, 0) != info.get("n"):
+            problems.append(f"manifest: split {split} has n={info.get('n')} but the shards hold "
+                            f"{held.get(split, 0)} rows")
+    if manifest.get("projection") and not (root / "projection.safetensors").is_file():
+        problems.append("projection.safetensors is missing")
+    return problems
