@@ -30,7 +30,7 @@ CANONICAL = ("train", "validation", "test")
 CARVE_FRACTION = 0.1  # share of the source split carved out for each missing split
 _INT = re.compile(r"-?\d+")
 
-__all__ = ["Split", "LoadedDataset", "load_dataset", "carve", "NAMED"]
+__all__ = ["Split", "LoadedDataset", "load_dataset", "carve", "check_classes", "NAMED"]
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: arrays make field-wise == ambiguous
@@ -172,6 +172,11 @@ def _encode_labels(src: RawSource, lcol: str, task: str):
     values = sorted({x for v in labelled.values() for x in v})
     if not values:
         raise AdlError(f"no split has labels in column '{lcol}'; adl needs a labelled train split")
+    if names is None and kinds == {"int"} and task == "token":
+        raise AdlError(f"label column '{lcol}' holds integer tags ({', '.join(map(str, values[:5]))}"
+                       f"{', ...' if len(values) > 5 else ''}) without tag names, and entity F1 needs names "
+                       "such as B-PER, I-LOC, O: write the tags as strings, or use a hub or parquet set whose "
+                       "tag feature is a ClassLabel with names")
     if names is not None and kinds == {"int"}:
         if values[0] < 0 or values[-1] >= len(names):
             raise AdlError(f"label column '{lcol}' holds ids outside 0..{len(names) - 1}: {values[-1]}")
@@ -245,6 +250,18 @@ def _check_aligned(split_name: str, words: list, tags, ids: np.ndarray) -> None:
     if bad:
         raise AdlError(f"split '{split_name}' has {len(bad)} row(s) whose word and tag counts "
                        f"differ (first row id {int(ids[bad[0]])}); give one tag per word")
+
+
+def check_classes(ds: LoadedDataset) -> None:
+    """Refuse a train split with fewer than two classes: a head would learn nothing and
+    still report accuracy 1.0. Counts are per class name (words' tags for NER)."""
+    labels = ds.splits["train"].labels
+    flat = np.asarray(labels if ds.task == "sequence" else [t for row in labels for t in row], np.int64)
+    counts = np.bincount(flat[flat >= 0], minlength=len(ds.label_names))
+    if np.count_nonzero(counts) < 2:
+        shown = ", ".join(f"{name}: {int(c)}" for name, c in zip(ds.label_names, counts))
+        raise AdlError(f"the train split has fewer than two classes ({shown or 'no labels'}); a classifier "
+                       "needs at least two: check --label-column, or the data (or --limit) for a missing class")
 
 
 # ---------------------------------------------------------------------------- splits

@@ -58,29 +58,43 @@ def to_device(array: np.ndarray, plan) -> torch.Tensor:
     return t.to(plan.device)
 
 
-def to_host(outs: dict[str, torch.Tensor], plan) -> dict[str, np.ndarray]:
-    """Device -> numpy, refusing values that overflowed the storage dtype (inf after the cast).
+def to_host(outs: dict[str, torch.Tensor], plan, split: str, layers: list[int]) -> dict[str, np.ndarray]:
+    """Device -> numpy, refusing NaN/inf anywhere (NaN from the model or fp16 autocast, inf
+    from the model or from the cast to float16) with one line naming the split and layer.
 
-    On CUDA the copies go through pinned memory (non-blocking, one sync) and the overflow
-    test runs on the device; on the CPU it runs in numpy (no extra parallel torch ops).
+    The test is one reduction per array on the device (a sum is finite exactly when every
+    value is; a float32 sum of float16 values cannot overflow), synced together with the
+    copies; only a failing batch is searched layer by layer. On CUDA the copies go through
+    pinned memory (non-blocking, one sync).
     """
+    sums = {k: v.sum(dtype=torch.float64 if v.dtype == torch.float64 else torch.float32) for k, v in outs.items()}
     if plan.pin_memory:
-        flags = {k: torch.isinf(v).any() for k, v in outs.items() if v.dtype == torch.float16}
         host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for k, v in outs.items()}
         for k, v in outs.items():
             host[k].copy_(v, non_blocking=True)
         torch.cuda.current_stream(plan.device).synchronize()  # the copies must land before numpy reads them
         arrays = {k: v.numpy() for k, v in host.items()}
-        bad = [k for k, f in flags.items() if bool(f)]
     else:
         arrays = {k: v.numpy() for k, v in outs.items()}
-        bad = [k for k, a in arrays.items() if a.dtype == np.float16 and np.isinf(a).any()]
+    bad = [k for k, total in sums.items() if not bool(torch.isfinite(total))]
     if bad:
-        raise AdlError(
-            f"hidden states overflow float16 in {', '.join(bad)} (values beyond 65504): rerun with --dtype float32 "
-            "--overwrite"
-        )
+        raise nonfinite_error(split, {k: outs[k] for k in bad}, layers, plan)
     return arrays
+
+
+def nonfinite_error(split: str, bad: dict[str, torch.Tensor], layers: list[int], plan) -> AdlError:
+    """Which layers hold NaN or inf, and the way out that fits the cause."""
+    hit = sorted({layers[j] for v in bad.values() for j in range(v.shape[1]) if not torch.isfinite(v[:, j]).all()})
+    nan = any(bool(torch.isnan(v).any()) for v in bad.values())
+    where = f"split '{split}', layer{'s' if len(hit) > 1 else ''} {', '.join(map(str, hit))} ({', '.join(bad)})"
+    if not nan and all(v.dtype == torch.float16 for v in bad.values()):
+        return AdlError(f"hidden states overflow float16 in {where} (values beyond 65504): rerun with "
+                        "--dtype float32 --overwrite")
+    if nan and plan.autocast == torch.float16:
+        return AdlError(f"hidden states are NaN in {where} under float16 autocast: rerun with --device cpu "
+                        "--overwrite, or on a GPU with bfloat16")
+    return AdlError(f"hidden states are {'NaN' if nan else 'infinite'} in {where}: the backbone itself produces "
+                    "them on this data; check the model's weights")
 
 
 def batch_starts(ts: TokenizedSplit, batches: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -100,7 +114,7 @@ def run_split(backbone, ts: TokenizedSplit, batches: list[np.ndarray], first: in
             ids, mask = collate(ts, batches[b], pad)
             ids_t, mask_t = to_device(ids, plan), to_device(mask, plan)
             states = backbone.hidden_states(ids_t, mask_t)
-            host = to_host(outputs.compute(states, mask_t), plan)
+            host = to_host(outputs.compute(states, mask_t), plan, ts.name, outputs.layers)
             del states  # free this batch's L x (B, T, H) before the next forward
             for name, data in host.items():
                 writer.write(ts.name, name, int(toks[b] if name == "tokens" else rows[b]), data)

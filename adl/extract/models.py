@@ -200,6 +200,29 @@ def load_tokenizer(model_id: str, task: str, trust_remote_code: bool = False):
     return tok
 
 
+# tokenizer_config.json keys that record how it was loaded, not how it tokenizes
+_LOAD_KEYS = {"is_local", "local_files_only", "name_or_path", "_commit_hash", "cache_dir", "token", "revision",
+              "trust_remote_code"}
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the tokenizer's files as loaded (what ``save_pretrained`` writes: vocabulary,
+    merges, normaliser, special tokens, and load-time options such as add_prefix_space),
+    without the keys that only record where and how it was loaded."""
+    import tempfile
+
+    out = hashlib.sha256()
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        for path in sorted(Path(tmp).iterdir()):
+            data = path.read_bytes()
+            if path.name == "tokenizer_config.json":
+                cfg = {k: v for k, v in json.loads(data).items() if k not in _LOAD_KEYS}
+                data = json.dumps(cfg, sort_keys=True, default=str).encode()
+            out.update(path.name.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+    return out.hexdigest()
+
+
 def model_limit(tokenizer, config) -> int | None:
     """The longest input the model accepts: the tokenizer's limit, capped by the position table."""
     limits = []

@@ -1,20 +1,41 @@
-"""The plan file ``extract.json``: what a cache folder is being filled with, and by what.
+"""The plan file ``extract.json`` and the cache folder: what it is being filled with, by whom.
 
 ``identity`` pins everything that changes the stored bytes (model revision and config hash,
-dataset spec and fingerprint, the requested views/pools/layers/dtype/format/projection,
-max_length, batch size, shard count, device kind and autocast dtype). A rerun with the same
-identity resumes (or reports a finished cache); a different identity is refused unless
-``--overwrite``. ``resolved`` holds what was decided once from the model and the disk
-(views, pools, layers, max_length) so that every shard and every resume uses the same.
+tokenizer files, transformers version, dataset spec and fingerprint, the requested
+views/pools/layers/dtype/format/projection, max_length, batch size, shard count, device
+kind and autocast dtype). A rerun with the same identity resumes (or reports a finished
+cache); a different identity is refused unless ``--overwrite``. ``resolved`` holds what
+was decided once from the model and the disk (views, pools, layers, max_length) so that
+every shard and every resume uses the same.
+
+What adl deletes. Only entries it writes itself, each recognised by its exact name
+(``OWN``: extract.json, manifest.json, projection.safetensors, shard stores and their
+progress/done files, its lock files and its temp files), and never through a symlink.
+A folder holding anything else (a hidden file, ``.git``) is refused before adl writes a
+byte into it, and so are ``$HOME``, ``/``, the current folder and a symlinked ``--out``.
+
+Locks (all advisory, released by the kernel when a process dies, so a kill -9 leaves none):
+
+- ``.plan.lock`` (exclusive, held for moments): serialises decisions about the folder
+  (prepare, settle, wipe) and every change of the folder lock below.
+- ``.adl.lock`` (flock, shared/exclusive): every process extracting into the folder holds
+  it *shared* from ``prepare_folder`` until its shard has finished and the manifest is
+  written, so the shard processes of one run work side by side. Wiping (``--overwrite``
+  or a new extraction) needs it *exclusive*, taken without waiting: if any writer is
+  still running, the wipe is refused with one line instead of deleting under it.
+- ``.shard-XXXXX-of-YYYYY.lock`` (exclusive, in ShardWriter): one writer per shard.
+- ``.manifest.lock``: the first shard to finish writes the manifest; later ones read it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
-from filelock import FileLock, Timeout
+from filelock import FileLock
 
 from adl.cache import read_json, write_json
 from adl.cache.summary import human
@@ -22,50 +43,133 @@ from adl.errors import AdlError
 
 PLAN = "extract.json"
 LOCK = ".plan.lock"
+FOLDER_LOCK = ".adl.lock"
 REQUEST_FIELDS = ("views", "pool", "layers", "project", "project_method", "project_sample_tokens", "dtype",
                   "format", "batch_size", "token_budget", "max_length", "decoder")
+_SHARD = r"shard-\d{5}-of-\d{5}"
+_JSON = rf"(?:extract|manifest|{_SHARD}\.progress|{_SHARD}\.done)\.json"
+# Every name adl writes into a cache folder, and what it must be (a store folder or a file).
+OWN = {
+    "file": re.compile(rf"{_JSON}|projection\.safetensors|{_SHARD}\.h5|\.{_JSON}\.\d+\.tmp"
+                       rf"|\.projection\.safetensors\.\d+\.tmp"),
+    "lock": re.compile(rf"\.(?:plan|adl|projection|manifest|{_SHARD})\.lock"),
+    "dir": re.compile(rf"{_SHARD}\.zarr"),
+}
 
 
-def identity(cfg, dataset, model, device, num_shards: int) -> dict:
+def identity(cfg, dataset, model, device, num_shards: int, tokenizer: dict) -> dict:
     """JSON-normal identity of an extraction (tuples become lists, as read back from disk)."""
+    import transformers
+
     ident = {
         "model": model.identity(),
+        "tokenizer": tokenizer,
         "dataset": {"spec": dataset.spec, "fingerprint": dataset.fingerprint},
         "request": {k: getattr(cfg, k) for k in REQUEST_FIELDS},
         "num_shards": num_shards,
         "compute": device.identity(),
+        "transformers": transformers.__version__,
     }
     return json.loads(json.dumps(ident, sort_keys=True))
 
 
-def _is_cache_entry(p: Path) -> bool:
-    return p.name in (PLAN, "manifest.json", "projection.safetensors") or p.name.startswith(("shard-", ".shard-"))
+def _kind(p: Path) -> str | None:
+    """"lock", "file" or "dir" for an entry adl wrote itself; None for anything else."""
+    if p.is_symlink():
+        return None
+    for kind, pattern in OWN.items():
+        if pattern.fullmatch(p.name):
+            wanted = p.is_dir() if kind == "dir" else p.is_file()
+            return kind if wanted else None
+    return None
 
 
-def prepare_folder(root: Path, ident: dict, overwrite: bool, num_shards: int) -> str:
+def check_out(root: Path) -> None:
+    """Refuse an --out adl must never fill or wipe: a symlink, /, $HOME, the current folder,
+    or a folder holding entries adl did not write (hidden ones included)."""
+    if root.is_symlink():
+        raise AdlError(f"--out {root} is a symlink; adl does not write through links: give the real folder "
+                       f"({root.resolve()}) or a new one")
+    if root.exists() and not root.is_dir():
+        raise AdlError(f"--out {root} is a file, not a folder: choose another --out")
+    where = root.resolve()
+    for name, special in (("the root folder", Path("/")), ("your home folder", Path.home()),
+                          ("the current folder", Path.cwd())):
+        if where == special.resolve():
+            raise AdlError(f"--out {root} is {name}; adl only writes a cache into a folder of its own: "
+                           "give a new folder such as cache/NAME")
+    foreign = sorted(p.name for p in root.iterdir() if _kind(p) is None) if root.is_dir() else []
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise AdlError(f"{root} holds entries that are not an adl cache ({shown}); adl never deletes what it "
+                       "did not write: choose another --out")
+
+
+class FolderLock:
+    """``.adl.lock`` held shared (a writer at work) or exclusive (a wipe); see the module docstring.
+
+    ``flock`` on an open descriptor: converting shared <-> exclusive is not atomic, so every
+    change happens while ``.plan.lock`` is held.
+    """
+
+    def __init__(self, root: Path):
+        self.root, self.fd = root, None
+
+    def take(self, exclusive: bool) -> None:
+        import fcntl
+
+        if self.fd is None:
+            self.fd = os.open(self.root / FOLDER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AdlError(f"another adl extract is writing {self.root}; wait for it to finish, or choose "
+                           "another --out") from None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def prepare_folder(root: Path, ident: dict, overwrite: bool, num_shards: int, folder: FolderLock | None = None) -> str:
     """-> "new", "resume" or "complete", after refusing or wiping a folder as needed.
 
+    On return (but "complete") ``folder`` is held shared, until the caller releases it
+    (without ``folder``, the lock guards the wipe only and is released on return).
     ``--overwrite`` wipes a folder holding another configuration. With one shard it also
     restarts the same configuration from scratch; with several it cannot (a peer shard of
     this very run may be writing already), so there it only replaces other configurations.
     """
+    if folder is None:
+        with FolderLock(root) as own:
+            return prepare_folder(root, ident, overwrite, num_shards, own)
+    check_out(root)
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / LOCK)):
-        entries = [p for p in root.iterdir() if p.name != LOCK and not p.name.startswith(".")]
-        foreign = [p.name for p in entries if not _is_cache_entry(p)]
-        if foreign:
-            raise AdlError(f"{root} holds files that are not an adl cache ({', '.join(sorted(foreign)[:3])}); "
-                           "choose another --out")
+        check_out(root)  # again under the lock: something may have appeared meanwhile
+        entries = [p for p in root.iterdir() if _kind(p) != "lock"]
         plan = read_json(root / PLAN) if (root / PLAN).is_file() else None
         same = plan is not None and plan.get("identity") == ident
         if same and not (overwrite and num_shards == 1):
-            return "complete" if (root / "manifest.json").is_file() else "resume"
+            if (root / "manifest.json").is_file():
+                return "complete"
+            folder.take(exclusive=False)
+            return "resume"
         if entries and not same and not overwrite:
             what = f"differs in {', '.join(_diff(plan['identity'], ident))}" if plan else "has no extract.json"
             raise AdlError(f"{root} already holds another extraction ({what}): rerun with --overwrite to "
                            "replace it, or choose another --out")
+        folder.take(exclusive=True)
         _wipe(root)
         write_json(root / PLAN, {"identity": ident, "resolved": None})
+        folder.take(exclusive=False)
         return "new"
 
 
@@ -80,19 +184,14 @@ def settle(root: Path, decide) -> dict:
 
 
 def _wipe(root: Path) -> None:
-    """Remove everything but the plan lock, unless a writer still holds a shard lock."""
-    for lock_file in root.glob(".shard-*.lock"):
-        lock = FileLock(str(lock_file))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            raise AdlError(f"another adl extract is writing {root} (lock {lock_file}); wait for it to "
-                           "finish or choose another --out") from None
-        lock.release()
+    """Remove the entries adl wrote (never a lock file, never anything else). The caller holds
+    the folder lock exclusive, so no writer is at work."""
     for p in root.iterdir():
-        if p.name == LOCK:
-            continue
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        kind = _kind(p)
+        if kind == "dir":
+            shutil.rmtree(p)
+        elif kind == "file":
+            p.unlink()
 
 
 def _diff(old, new, prefix: str = "") -> list[str]:

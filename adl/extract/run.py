@@ -16,7 +16,6 @@ P pools and s storage bytes:
 
 from __future__ import annotations
 
-import errno
 import os
 import time
 from contextlib import contextmanager
@@ -27,14 +26,16 @@ from filelock import FileLock
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
+from rich.markup import escape
 from rich.text import Text
 
 from adl.cache import BackgroundWriter, ShardWriter, finalize, read_manifest
+from adl.cache.durable import disk_full_error, is_disk_full
 from adl.cache.summary import human
 from adl.errors import AdlError
 from adl.extract import models, plan, projection, tokenize
 from adl.extract.config import ExtractConfig, layer_indices
-from adl.extract.datasets import load_dataset
+from adl.extract.datasets import check_classes, load_dataset
 from adl.extract.loop import Outputs, run_split, to_device
 
 QUEUED_BATCHES = 2  # batches waiting for the writer: double buffering, bounded host memory
@@ -51,47 +52,55 @@ def shard_of(cfg: ExtractConfig) -> tuple[int, int]:
 
 @contextmanager
 def disk_errors(root: Path):
-    """A full disk anywhere in the run is the user's to fix, not a traceback."""
+    """A full disk anywhere in the run (zarr, HDF5, JSON) is the user's to fix, not a traceback."""
     try:
         yield
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise AdlError(f"disk full while writing {root}: free space (or use --project 64, --views pooled, "
-                           "--layers) and rerun the same command; committed batches are kept") from None
+    except Exception as e:
+        if is_disk_full(e):
+            raise disk_full_error(root) from None
         raise
 
 
 def run_extract(cfg: ExtractConfig) -> dict | None:
     """Extract (or resume) one shard of the cache; -> the manifest once the cache is complete,
-    None while other shards are still running."""
+    None while other shards are still running. The folder lock is held shared from the
+    folder check to the manifest (see plan.py), so --overwrite cannot wipe a running shard."""
     start = time.perf_counter()
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     shard, num_shards = shard_of(cfg)
     ds = load_dataset(cfg.dataset, text_column=cfg.text_column, label_column=cfg.label_column,
                       limit=cfg.limit, seed=cfg.seed)
+    check_classes(ds)
     root = Path(cfg.out) if cfg.out else Path("cache") / ds.name
     model_id = models.resolve_model_id(cfg.model)
     hf_config = models.load_config(model_id, cfg.trust_remote_code)
     info = models.describe(model_id, hf_config, cfg.decoder)
     device = models.select_device(cfg.device)
-    with disk_errors(root):
-        state = plan.prepare_folder(root, plan.identity(cfg, ds, info, device, num_shards), cfg.overwrite, num_shards)
-    if state == "complete":
-        console.print(f"{root} is already complete; nothing to do (pass --overwrite to extract again)")
-        return read_manifest(root)
-
     tok = models.load_tokenizer(model_id, ds.task, cfg.trust_remote_code)
+    ident = plan.identity(cfg, ds, info, device, num_shards, {"class": type(tok).__name__,
+                                                               "sha256": models.tokenizer_hash(tok)})
+    with plan.FolderLock(root) as folder:
+        with disk_errors(root):
+            state = plan.prepare_folder(root, ident, cfg.overwrite, num_shards, folder)
+        if state == "complete":
+            console.print(f"{escape(str(root))} is already complete; nothing to do (pass --overwrite to extract again)")
+            return read_manifest(root)
+        return _run(cfg, root, state, shard, num_shards, ds, info, device, tok, hf_config, console, start)
+
+
+def _run(cfg, root, state, shard, num_shards, ds, info, device, tok, hf_config, console, start) -> dict | None:
     max_length, warning = models.resolve_max_length(cfg.max_length, models.model_limit(tok, hf_config))
     if warning:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     layers = layer_indices(cfg.layers, info.num_hidden_states)
     if cfg.project is not None:
         projection.check_dim(cfg.project, info.hidden_size)
     splits = {name: tokenize.tokenize_split(s, ds.task, tok, max_length, labeled=name not in ds.unlabeled)
               for name, s in ds.splits.items()}
     resolved = _settle(cfg, root, ds.task, info, splits, layers, max_length, console)
-    console.print(f"{'resuming' if state == 'resume' else 'extracting'} {root} (shard {shard + 1} of {num_shards}): "
-                  f"{info.id}, {len(layers)} layers, views {', '.join(resolved['views'])}, {device.device}")
+    console.print(escape(f"{'resuming' if state == 'resume' else 'extracting'} {root} (shard {shard + 1} of "
+                         f"{num_shards}): {info.id}, {len(layers)} layers, views {', '.join(resolved['views'])}, "
+                         f"{device.device}"))
 
     backbone = models.Backbone(info, device, cfg.trust_remote_code)
     pad = models.pad_id(tok)
@@ -109,7 +118,8 @@ def run_extract(cfg: ExtractConfig) -> dict | None:
     if manifest is None:
         console.print(f"shard {shard + 1} of {num_shards} done; the last shard to finish writes the manifest")
     else:
-        console.print(f"[green]cache complete[/]: {root} ({time.perf_counter() - start:.1f} s); see `adl info {root}`")
+        console.print(f"[green]cache complete[/]: {escape(str(root))} ({time.perf_counter() - start:.1f} s); "
+                      f"see `adl info {escape(str(root))}`")
     return manifest
 
 
@@ -213,7 +223,7 @@ def _run_splits(cfg, backbone, splits, mine, outputs, writer, pad, console) -> N
                 first = writer.done_batches(name)
                 done = sum(len(b) for b in mine[name][:first])
                 total = sum(len(b) for b in mine[name])
-                task = bar.add_task(name, total=total, completed=done, tokens=0, resumed_at=done)
+                task = bar.add_task(escape(name), total=total, completed=done, tokens=0, resumed_at=done)
                 run_split(backbone, ts, mine[name], first, outputs, bg, pad, _advancer(bar, task))
                 bar.stop_task(task)  # freezes its elapsed time, so its rate stays right
         ok = True
