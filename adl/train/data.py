@@ -28,6 +28,11 @@ The order depends only on (seed, epoch): the same command gives the same batches
 ``cache.labels(split)``.
 
 On CUDA every batch is built in pinned host memory and copied with ``non_blocking=True``.
+
+Checks: NaN or inf in any split (train, validation, test) is one AdlError naming the split and
+layers, raised when the split is loaded (a streamed split: when each block is read, so
+before any of its values reach a head); a train split with fewer than two classes is
+refused with the count of every class.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class SplitData:
 
     def __init__(self, cache, split: str, view: str, *, device: str, seed: int, block_tokens: int | None):
         self.split, self.view, self.task, self.seed = split, view, cache.task, seed
+        self.layers = cache.layers
         self.device = torch.device(device)
         self.labels = cache.labels(split)  # (N,) or flat (total_tokens,)
         if view == "tokens":
@@ -67,9 +73,9 @@ class SplitData:
             self.blocks = _blocks(self.lengths, block_tokens or int(self.offsets[-1]))
             self._resident = None  # the whole split as one float32 tensor, when loaded whole
             if block_tokens is None:
-                self._resident = torch.from_numpy(np.asarray(self._values[:], np.float32))
+                self._resident = self._finite(torch.from_numpy(np.asarray(self._values[:], np.float32)))
         else:
-            x = torch.from_numpy(np.ascontiguousarray(cache.read(split, view)))  # (N, L, H)
+            x = self._finite(torch.from_numpy(np.ascontiguousarray(cache.read(split, view))))  # (N, L, H)
             self.n, self.n_layers, self.dim = x.shape
             self.x = _place(x, self.device)
             y = np.where(self.labels < 0, -100, self.labels)
@@ -77,6 +83,16 @@ class SplitData:
             self.offsets, self.lengths = None, None
         if self.n == 0:
             raise AdlError(f"split {split!r} of the cache is empty; re-extract with examples in it")
+
+    def _finite(self, x: Tensor) -> Tensor:
+        """x (rows, L, D) as read from the cache; NaN/inf anywhere is one error naming the split
+        and layers. One float64 sum decides (finite exactly when every value is)."""
+        if bool(torch.isfinite(x.sum(dtype=torch.float64))):
+            return x
+        bad = [str(self.layers[j]) for j in range(x.shape[1]) if not bool(torch.isfinite(x[:, j]).all())]
+        raise AdlError(f"split {self.split!r} of the cache holds NaN or inf in layer{'s' if len(bad) > 1 else ''} "
+                       f"{', '.join(bad)} of the {self.view} view: re-extract it with `adl extract ... --overwrite` "
+                       "(adl extract refuses such states, so this cache was damaged or made elsewhere)")
 
     @property
     def max_len(self) -> int:
@@ -94,7 +110,7 @@ class SplitData:
             src, base = self._resident, 0
             if src is None:  # streamed: read this block's rows only
                 base = int(self.offsets[a])
-                src = torch.from_numpy(self._values[base:int(self.offsets[e])])
+                src = self._finite(torch.from_numpy(self._values[base:int(self.offsets[e])]))
             for idx in _batch_indices(np.arange(a, e), self.lengths, batch_size, rng):
                 yield self._collate(src, base, idx)
 
@@ -175,6 +191,17 @@ def _batch_indices(idx: np.ndarray, lengths: np.ndarray, batch_size: int, rng) -
     return [out[i] for i in rng.permutation(len(out))]
 
 
+def _check_classes(cache) -> None:
+    """A train split with fewer than two classes would train a head to loss 0 and report
+    accuracy 1.0: refuse it, with the count of every class."""
+    y = cache.labels("train")
+    counts = np.bincount(y[y >= 0], minlength=len(cache.label_names))
+    if np.count_nonzero(counts) < 2:
+        shown = ", ".join(f"{name}: {int(c)}" for name, c in zip(cache.label_names, counts))
+        raise AdlError(f"the train split of {cache.root} has fewer than two classes ({shown or 'no labels'}); "
+                       "a head needs at least two: re-extract with data holding every class")
+
+
 @dataclass
 class TrainData:
     """The splits a run uses, on one view. ``test`` is None when the cache has no labelled test split."""
@@ -215,6 +242,7 @@ def load_data(cache, view: str, *, device: str, seed: int, memory_gb: float) -> 
         total = sum(int(cache.offsets(s)[-1]) for s in splits) * L * D * 4
         budget = memory_gb * 1e9
         block_tokens = None if total <= budget else max(1, int(budget / 2 / (L * D * 4)))
+    _check_classes(cache)
     parts = [SplitData(cache, s, view, device=device, seed=seed, block_tokens=block_tokens) for s in splits]
     if parts[0].n_layers != len(cache.layers):
         raise AdlError(f"{cache.root}: the {view} view holds {parts[0].n_layers} layers but the manifest lists "
