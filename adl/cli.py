@@ -6,12 +6,26 @@ as one line on stderr with exit code 2.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
+import json
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
+from adl.cache import open_cache
+from adl.cache.summary import summary
 from adl.errors import AdlError
+from adl.extract.config import ExtractConfig
+from adl.extract.run import run_extract
+from adl.sweep.config import NOT_SWEPT, SWEEPABLE, SweepConfig, field_type, parse_space
+from adl.sweep.report import report_sweep
+from adl.sweep.worker import run_sweep
+from adl.train.baselines import run_baselines
+from adl.train.config import TrainConfig
+from adl.train.run import run_train
 
 app = typer.Typer(
     help="Side tasks on a frozen transformer: cache hidden states once, train layer-mixing heads from the cache.",
@@ -44,69 +58,56 @@ def split_list(value: str | None) -> list[str] | None:
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
-# ---- stage one: extract, info ------------------------------------------------------
-# (commands added below)
-# Flags map 1:1 onto adl.extract.config.ExtractConfig fields; every option defaults to
-# None (booleans to False) and only given flags are passed, so the config holds the defaults.
-from typing import Optional as _Opt  # noqa: E402
+# ---- stage one: extract, info --------------------------------------------------------
+# Flags map 1:1 onto ExtractConfig fields; every option defaults to None (booleans to False)
+# and only given flags are passed, so the config holds the defaults.
 
-_X = typer.Option
+_O = typer.Option
 
 
 @app.command()
 @user_errors
 def extract(
-    model: str = _X(..., "--model", help="hub id, local folder, or alias roberta-large | bart-large | minilm"),
-    dataset: str = _X(..., "--dataset", help="imdb | cola | sst2 | rotten_tomatoes | conll2003 | wnut16 | tweets, "
-                      "a hub id owner/name[:config], or csv:|jsonl:|parquet:|conll:PATH"),
-    out: _Opt[str] = _X(None, "--out", help="cache folder (default cache/<dataset name>)"),
-    views: _Opt[str] = _X(None, "--views", help="pooled,tokens (default: pooled, plus tokens when they fit "
-                          "comfortably on disk; NER always gets tokens)"),
-    pool: _Opt[str] = _X(None, "--pool", help="mean,cls,last,max (default mean; last for decoder states)"),
-    layers: _Opt[str] = _X(None, "--layers", help="hidden states to keep: 0,3,6 or -4: or ::2 (default all L)"),
-    project: _Opt[int] = _X(None, "--project", help="store token states projected to D dims"),
-    project_method: _Opt[str] = _X(None, "--project-method", help="pca (fitted on train tokens) | random"),
-    project_sample_tokens: _Opt[int] = _X(None, "--project-sample-tokens", help="train tokens the PCA sees"),
-    dtype: _Opt[str] = _X(None, "--dtype", help="float16 (default) | float32"),
-    format: _Opt[str] = _X(None, "--format", help="zarr (default) | hdf5"),
-    batch_size: _Opt[int] = _X(None, "--batch-size", help="examples per forward pass, at most (default 32)"),
-    batch_tokens: _Opt[int] = _X(None, "--batch-tokens", help="cap on rows x longest row per batch, so long "
-                                 "inputs run in smaller batches (default batch size x 128)"),
-    max_length: _Opt[int] = _X(None, "--max-length", help="tokens per example (default: the model's limit)"),
-    device: _Opt[str] = _X(None, "--device", help="auto (default) | cpu | cuda"),
-    limit: _Opt[int] = _X(None, "--limit", help="at most N examples per split, for quick tries"),
-    seed: _Opt[int] = _X(None, "--seed", help="seed of carving, limit sampling and projection (default 42)"),
-    text_column: _Opt[str] = _X(None, "--text-column", help="text column (tokens column for NER)"),
-    label_column: _Opt[str] = _X(None, "--label-column", help="label column (tags column for NER)"),
-    decoder: bool = _X(False, "--decoder", help="encoder-decoder models: store decoder states"),
-    trust_remote_code: bool = _X(False, "--trust-remote-code", help="allow the model's own code to run"),
-    num_shards: _Opt[int] = _X(None, "--num-shards", help="split the work among N processes "
-                               "(default $WORLD_SIZE or 1)"),
-    shard_index: _Opt[int] = _X(None, "--shard-index", help="this process's part (default $RANK or 0)"),
-    overwrite: bool = _X(False, "--overwrite", help="replace a cache made with another configuration"),
+    model: Annotated[str, _O("--model", help="hub id, local folder, or alias roberta-large | bart-large | minilm")],
+    dataset: Annotated[str, _O("--dataset", help="imdb | cola | sst2 | rotten_tomatoes | conll2003 | wnut16 | tweets, a hub id "
+                               "owner/name[:config], or csv:|jsonl:|parquet:|conll:PATH")],
+    out: Annotated[Optional[str], _O("--out", help="cache folder (default cache/<dataset name>)")] = None,
+    views: Annotated[Optional[str], _O("--views", help="pooled,tokens (default: pooled, plus tokens when they fit comfortably "
+                                       "on disk; NER always gets tokens)")] = None,
+    pool: Annotated[Optional[str], _O("--pool", help="mean,cls,last,max (default mean; last for decoder states)")] = None,
+    layers: Annotated[Optional[str], _O("--layers", help="hidden states to keep: 0,3,6 or -4: or ::2 (default all L)")] = None,
+    project: Annotated[Optional[int], _O("--project", help="store token states projected to D dims")] = None,
+    project_method: Annotated[Optional[str], _O("--project-method", help="pca (fitted on train tokens) | random")] = None,
+    project_sample_tokens: Annotated[Optional[int], _O("--project-sample-tokens", help="train tokens the PCA sees")] = None,
+    dtype: Annotated[Optional[str], _O("--dtype", help="float16 (default) | float32")] = None,
+    format: Annotated[Optional[str], _O("--format", help="zarr (default) | hdf5")] = None,
+    batch_size: Annotated[Optional[int], _O("--batch-size", help="examples per forward pass, at most (default 32)")] = None,
+    batch_tokens: Annotated[Optional[int], _O("--batch-tokens", help="cap on rows x longest row per batch, so long inputs run in smaller "
+                                              "batches (default batch size x 128)")] = None,
+    max_length: Annotated[Optional[int], _O("--max-length", help="tokens per example (default: the model's limit)")] = None,
+    device: Annotated[Optional[str], _O("--device", help="auto (default) | cpu | cuda")] = None,
+    limit: Annotated[Optional[int], _O("--limit", help="at most N examples per split, for quick tries")] = None,
+    seed: Annotated[Optional[int], _O("--seed", help="seed of carving, limit sampling and projection (default 42)")] = None,
+    text_column: Annotated[Optional[str], _O("--text-column", help="text column (tokens column for NER)")] = None,
+    label_column: Annotated[Optional[str], _O("--label-column", help="label column (tags column for NER)")] = None,
+    decoder: Annotated[bool, _O("--decoder", help="encoder-decoder models: store decoder states")] = False,
+    trust_remote_code: Annotated[bool, _O("--trust-remote-code", help="allow the model's own code to run")] = False,
+    num_shards: Annotated[Optional[int], _O("--num-shards", help="split the work among N processes (default $WORLD_SIZE or 1)")] = None,
+    shard_index: Annotated[Optional[int], _O("--shard-index", help="this process's part (default $RANK or 0)")] = None,
+    overwrite: Annotated[bool, _O("--overwrite", help="replace a cache made with another configuration")] = False,
 ) -> None:
     """Run a frozen transformer once over a dataset and cache its per-layer hidden states."""
-    given = {k: v for k, v in locals().items() if v is not None and v is not False}  # before any import
-    from adl.extract.config import ExtractConfig
-    from adl.extract.run import run_extract
-
+    given = {k: v for k, v in locals().items() if v is not None and v is not False}
     run_extract(ExtractConfig(**given))
 
 
 @app.command()
 @user_errors
 def info(
-    path: str = typer.Argument(..., help="cache folder"),
-    json_: bool = _X(False, "--json", help="print the manifest as JSON"),
+    path: Annotated[str, typer.Argument(help="cache folder")],
+    json_: Annotated[bool, _O("--json", help="print the manifest as JSON")] = False,
 ) -> None:
     """Summarise a cache: model, task, splits, views, shapes and bytes on disk."""
-    import json
-
-    from rich.console import Console
-
-    from adl.cache import open_cache
-    from adl.cache.summary import summary
-
     with open_cache(path) as cache:
         if json_:
             typer.echo(json.dumps(cache.manifest, indent=2, sort_keys=True))
@@ -114,13 +115,9 @@ def info(
             Console().print(summary(cache))
 
 
-# ---- stage two: train, baselines ---------------------------------------------------
-# (commands added below)
-# Flags map 1:1 onto adl.train.config.TrainConfig fields (--lambda -> lam); every option
-# defaults to None so the config (and its task presets) holds the defaults.
-from typing import Annotated, Optional  # noqa: E402
-
-_O = typer.Option
+# ---- stage two: train, baselines ----------------------------------------------------
+# Flags map 1:1 onto TrainConfig fields (--lambda -> lam); every option defaults to None so
+# the config (and its task presets) holds the defaults.
 CacheOpt = Annotated[str, _O("--cache", help="cache folder written by `adl extract`")]
 HeadOpt = Annotated[Optional[str], _O("--head", help="adalayers | adalayers-pooled | single-layer | last-layer | "
                                       "linear-probe | scalar-mix | head2toe (default: from the cache's views)")]
@@ -154,9 +151,7 @@ OutOpt = Annotated[Optional[str], _O("--out", help="run folder (default runs/<ca
 OverwriteOpt = Annotated[Optional[bool], _O("--overwrite", help="write into an existing run folder")]
 
 
-def _train_config(opts: dict):
-    from adl.train.config import TrainConfig
-
+def _train_config(opts: dict) -> TrainConfig:
     return TrainConfig(**{name: value for name, value in opts.items() if value is not None})
 
 
@@ -171,10 +166,7 @@ def train(cache: CacheOpt, head: HeadOpt = None, preset: PresetOpt = None, alpha
           seed: SeedOpt = None, pool: PoolOpt = None, memory_gb: MemoryOpt = None, device: DeviceOpt = None,
           out: OutOpt = None, overwrite: OverwriteOpt = None) -> None:
     """Train a layer-mixing head from a cache; writes config, metrics, history, head and plots."""
-    opts = dict(locals())
-    from adl.train.run import run_train
-
-    run_train(_train_config(opts))
+    run_train(_train_config(dict(locals())))
 
 
 @app.command()
@@ -189,19 +181,13 @@ def baselines(cache: CacheOpt, preset: PresetOpt = None, alpha: AlphaOpt = None,
               memory_gb: MemoryOpt = None, device: DeviceOpt = None, out: OutOpt = None,
               overwrite: OverwriteOpt = None) -> None:
     """Every single layer, last-layer probe, scalar mix, head2toe, hsv and adalayers, same budget."""
-    opts = dict(locals())
-    from adl.train.baselines import run_baselines
-
-    run_baselines(_train_config(opts))
+    run_baselines(_train_config(dict(locals())))
 
 
-# ---- sweeps ---------------------------------------------------------------------------
-# (commands added below)
+# ---- sweeps --------------------------------------------------------------------------
 # Every TrainConfig hyperparameter is a flag taking a list ("16,64,128"), a range for
 # --search tpe ("8:256:log") or one value (fixed); the flags are generated from the
 # dataclass fields, so a new TrainConfig field is sweepable without touching this file.
-import inspect  # noqa: E402
-from typing import Annotated as _Annotated, Optional as _Optional  # noqa: E402
 
 
 def _sweep_flag(name: str) -> str:
@@ -209,35 +195,30 @@ def _sweep_flag(name: str) -> str:
 
 
 def _sweep_params() -> list[inspect.Parameter]:
-    import dataclasses
-
-    from adl.train.config import TrainConfig
-    from adl.train.sweep import NOT_SWEPT, SweepConfig, field_type
-
     def opt(name, kind, flag, help_, default=None):
         return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                 annotation=_Annotated[kind, typer.Option(flag, help=help_)])
+                                 annotation=Annotated[kind, typer.Option(flag, help=help_)])
 
     helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(SweepConfig)}
-    params = [opt("cache", _Optional[str], "--cache", "cache folder written by `adl extract`"),
-              opt("report", _Optional[str], "--report", "redraw the table and plots of sweep folder DIR and exit"),
-              opt("search", _Optional[str], "--search", helps["search"]),
-              opt("trials", _Optional[int], "--trials", helps["trials"]),
-              opt("seeds", _Optional[int], "--seeds", helps["seeds"]),
-              opt("out", _Optional[str], "--out", helps["out"]),
-              opt("storage", _Optional[str], "--storage", "Optuna storage URL: sqlite:///F, journal:PATH, "
+    params = [opt("cache", Optional[str], "--cache", "cache folder written by `adl extract`"),
+              opt("report", Optional[str], "--report", "redraw the table and plots of sweep folder DIR and exit"),
+              opt("search", Optional[str], "--search", helps["search"]),
+              opt("trials", Optional[int], "--trials", helps["trials"]),
+              opt("seeds", Optional[int], "--seeds", helps["seeds"]),
+              opt("out", Optional[str], "--out", helps["out"]),
+              opt("storage", Optional[str], "--storage", "Optuna storage URL: sqlite:///F, journal:PATH, "
                   "postgresql://... (default sqlite in --out)"),
-              opt("study", _Optional[str], "--study", helps["study"]),
-              opt("group_size", _Optional[int], "--group-size", helps["group_size"]),
-              opt("vectorise", _Optional[bool], "--vectorise/--no-vectorise", helps["vectorise"]),
-              opt("baselines", _Optional[str], "--baselines", helps["baselines"]),
-              opt("top", _Optional[int], "--top", helps["top"]),
-              opt("device", _Optional[str], "--device", "auto | cpu | cuda | cuda:N | mps"),
-              opt("memory_gb", _Optional[float], "--memory-gb", "RAM budget for the tokens view before streaming")]
+              opt("study", Optional[str], "--study", helps["study"]),
+              opt("group_size", Optional[int], "--group-size", helps["group_size"]),
+              opt("vectorise", Optional[bool], "--vectorise/--no-vectorise", helps["vectorise"]),
+              opt("baselines", Optional[str], "--baselines", helps["baselines"]),
+              opt("top", Optional[int], "--top", helps["top"]),
+              opt("device", Optional[str], "--device", "auto | cpu | cuda | cuda:N | mps"),
+              opt("memory_gb", Optional[float], "--memory-gb", "RAM budget for the tokens view before streaming")]
     for f in dataclasses.fields(TrainConfig):
         if f.name not in NOT_SWEPT:
             how = " [list a,b,c or range lo:hi[:log]]" if field_type(f.name) in (int, float) else " [list a,b]"
-            params.append(opt(f.name, _Optional[str], _sweep_flag(f.name), f.metadata.get("help", "") + how))
+            params.append(opt(f.name, Optional[str], _sweep_flag(f.name), f.metadata.get("help", "") + how))
     return params
 
 
@@ -246,12 +227,7 @@ def _sweep(**opts) -> None:
 
     Example: adl sweep --cache cache/tweets --alpha 16,64,128 --lambda 0,1e-3 --k 32,64 --cutoff 0,0.01
     """
-    from adl.train.config import TrainConfig
-    from adl.train.sweep import SWEEPABLE, SweepConfig, parse_space
-
     if opts["report"] is not None:
-        from adl.train.sweep_report import report_sweep
-
         report_sweep(opts["report"], storage=opts["storage"])
         return
     if opts["cache"] is None:
@@ -260,8 +236,6 @@ def _sweep(**opts) -> None:
     space = parse_space({name: opts[name] for name in SWEEPABLE})
     sweep = {k: opts[k] for k in ("search", "trials", "seeds", "out", "storage", "study", "group_size", "vectorise",
                                   "baselines", "top") if opts[k] is not None}
-    from adl.train.sweep_run import run_sweep
-
     run_sweep(SweepConfig(base=TrainConfig(**machine), space=space, **sweep))
 
 

@@ -47,11 +47,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from adl.cache import open_cache  # noqa: E402
+from adl.sweep.group import fit_group  # noqa: E402
 from adl.train.config import TrainConfig, resolve  # noqa: E402
 from adl.train.data import load_data  # noqa: E402
-from adl.train.group import fit_group  # noqa: E402
+from adl.train.head_io import make_head  # noqa: E402
 from adl.train.heads import masked_mean  # noqa: E402
-from adl.train.run import make_head  # noqa: E402
 from adl.train.trainer import fit, param_groups  # noqa: E402
 
 GRID = [dict(alpha=a, cutoff=c, lam=l, lr=r) for a in (16.0, 64.0) for c in (0.0, 0.01) for l in (0.0, 1e-3)

@@ -9,14 +9,23 @@ import pytest
 import torch
 
 from adl.errors import AdlError
-from adl.train.heads import (HEAD_NAMES, AdaLayersHead, Head2Toe, LayerMix, build_head, head_from_spec,
-                             head_hparams, head_spec)
+from adl.train.heads import (
+    HEAD_NAMES,
+    AdaLayersHead,
+    Head2Toe,
+    LayerMix,
+    PooledHead,
+    build_head,
+    head_from_spec,
+    head_hparams,
+    head_spec,
+)
 
 L, D = 4, 6
 
 
 def _np_layer_mix(z, W, p, alpha, cutoff):
-    """The METHOD.md equations in numpy: f_i = N(GELU(Z_i) W_i^T), w = cutoff(softmax(alpha p)), F = sum w_i f_i."""
+    """The equations of docs/method.md in numpy: f_i = N(GELU(Z_i) W_i^T), w = cutoff(softmax(alpha p)), F = sum w_i f_i."""
     erf = np.vectorize(math.erf)
     h = 0.5 * z * (1.0 + erf(z / math.sqrt(2.0)))
     f = np.einsum("...ld,lkd->...lk", h, W)
@@ -167,7 +176,7 @@ def test_adalayers_shapes_and_mask(task, pos_emb):
 
 def test_adalayers_options_and_errors():
     z, mask = _batch()
-    for kw in [dict(post_gelu=True), dict(residual=True), dict(norm_affine=True), dict(fixed_layer=1)]:
+    for kw in [dict(post_gelu=True), dict(norm_affine=True), dict(fixed_layer=1), dict(activation=False)]:
         head = AdaLayersHead(L, D, 2, task="sequence", k=4, heads=2, **kw)
         assert head(z, mask).shape == (3, 2)
     with pytest.raises(AdlError, match="multiple of heads"):
@@ -241,3 +250,51 @@ def test_head2toe_group_lasso_and_selection():
     sub = Head2Toe(L, D, 3, task="sequence", layers=[2, 0])
     assert sub.layers == [0, 2] and sub.out.in_features == 2 * D
     assert sub.weights()[[1, 3]].tolist() == [0.0, 0.0]
+
+
+def _twins(**kw):
+    """Two heads with identical weights, the second with options ``kw``."""
+    torch.manual_seed(0)
+    a = PooledHead(L, D, 2, k=4, hidden=8, dropout=0.0).eval()
+    torch.manual_seed(0)
+    return a, PooledHead(L, D, 2, k=4, hidden=8, dropout=0.0, **kw).eval()
+
+
+def _mlp_input(head, z):
+    seen = []
+    hook = head.mlp[0].register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+    head(z)
+    hook.remove()
+    return seen[0]
+
+
+def test_post_gelu_bounds_the_mixed_features_below_by_gelus_minimum():
+    plain, gelu = _twins(post_gelu=True)
+    z = torch.randn(64, L, D)
+    x_plain, x_gelu = _mlp_input(plain, z), _mlp_input(gelu, z)
+    assert x_plain.min() < -0.5  # layer-normed features are centred
+    assert x_gelu.min() >= -0.1701  # GELU's minimum is -0.16997
+    torch.testing.assert_close(x_gelu, torch.nn.functional.gelu(x_plain))
+
+
+def test_norm_affine_scales_and_shifts_the_mix():
+    plain, affine = _twins(norm_affine=True)
+    with torch.no_grad():
+        affine.mix.gamma.fill_(2.0)
+        affine.mix.beta.fill_(1.0)
+    z = torch.randn(16, L, D)
+    # the weights sum to 1, so a per-layer affine map with equal gamma/beta maps F to 2F + 1
+    torch.testing.assert_close(affine.mix(z), 2 * plain.mix(z) + 1)
+    with torch.no_grad():
+        affine.mix.gamma[0].fill_(0.0)
+        affine.mix.beta[0].fill_(0.0)
+    w = plain.mix.weights()
+    torch.testing.assert_close(affine.mix(z), 2 * plain.mix(z) + 1 - w[0] * (2 * plain.mix.features(z)[:, 0] + 1))
+
+
+def test_activation_off_expects_states_stored_after_gelu():
+    plain, stored = _twins(activation=False)
+    z = torch.randn(16, L, D)
+    torch.testing.assert_close(stored(torch.nn.functional.gelu(z)), plain(z))
+    assert not torch.allclose(stored(z), plain(z))
+    assert head_from_spec(stored.spec).mix.activation is False  # the spec alone rebuilds it

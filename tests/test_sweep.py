@@ -9,20 +9,27 @@ import numpy as np
 import optuna
 import pytest
 import torch
+from synthetic import write_synthetic_cache
 from typer.testing import CliRunner
 
 from adl.cache import open_cache
 from adl.cli import app
 from adl.errors import AdlError
-from adl.train import sweep_run
+from adl.sweep import worker as sweep_run
+from adl.sweep.config import (
+    Choice,
+    Range,
+    SweepConfig,
+    SweepSpace,
+    parse_dim,
+    parse_space,
+)
+from adl.sweep.group import fit_group
+from adl.sweep.study import SweepStudy, open_storage
 from adl.train.config import TrainConfig, resolve, view_for
 from adl.train.data import load_data
-from adl.train.group import fit_group
-from adl.train.run import make_head
-from adl.train.study import SweepStudy, open_storage
-from adl.train.sweep import Choice, Range, SweepConfig, SweepSpace, parse_dim, parse_space
+from adl.train.head_io import make_head
 from adl.train.trainer import fit
-from synthetic import write_synthetic_cache
 
 runner = CliRunner()
 FAST = dict(head="adalayers-pooled", k=4, hidden=8, max_epochs=2, patience=2, lr_patience=1, lr=0.01, batch_size=16)
@@ -165,14 +172,14 @@ def test_resume_after_a_killed_sweep_keeps_finished_trials(caches, tmp_path, mon
 
     monkeypatch.setattr(sweep_run.Worker, "run", dies_in_second_group)
     monkeypatch.setattr(SweepStudy, "release", lambda self, trials: None)
-    monkeypatch.setattr("adl.train.study.worker_id", lambda: "nohost-but-here:1:1")
-    monkeypatch.setattr("adl.train.study.worker_gone", lambda w: w == "nohost-but-here:1:1")
+    monkeypatch.setattr("adl.sweep.study.worker_id", lambda: "nohost-but-here:1:1")
+    monkeypatch.setattr("adl.sweep.study.worker_gone", lambda w: w == "nohost-but-here:1:1")
     with pytest.raises(SystemExit):
         sweep_run.run_sweep(cfg)
     first = {t.number: t.user_attrs["adl_result"] for t in _trials(out) if t.state.name == "COMPLETE"}
     assert len(first) == 4 and sum(t.state.name == "RUNNING" for t in _trials(out)) == 4
     monkeypatch.undo()
-    monkeypatch.setattr("adl.train.study.worker_gone", lambda w: w == "nohost-but-here:1:1")
+    monkeypatch.setattr("adl.sweep.study.worker_gone", lambda w: w == "nohost-but-here:1:1")
     result = sweep_run.run_sweep(cfg)
     trials = _trials(out)
     complete = [t for t in trials if t.state.name == "COMPLETE"]

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from adl.cache import open_cache
 from adl.cli import app
 from adl.train.data import load_data
-from adl.train.run import load_head
+from adl.train.head_io import load_head
 from adl.train.trainer import predict, score
 from synthetic import write_synthetic_cache
 
@@ -112,7 +112,7 @@ def test_projected_cache_head_skips_its_gelu(tmp_path):
     res = invoke("train", "--cache", root, "--out", tmp_path / "r", *FAST[:-1], "1")
     assert res.exit_code == 0, res.output
     head, info = load_head(tmp_path / "r")
-    assert info["gelu_in_cache"] is True and head.mix.activation is False
+    assert info["spec"]["activation"] is False and head.mix.activation is False
 
 
 def test_newer_schema_cache_is_refused(caches, tmp_path):

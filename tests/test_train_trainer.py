@@ -15,7 +15,8 @@ from adl.errors import AdlError
 from adl.train import trainer
 from adl.train.config import TrainConfig, resolve
 from adl.train.data import load_data
-from adl.train.run import make_head, run_train
+from adl.train.head_io import make_head
+from adl.train.run import run_train
 from adl.train.trainer import amp_dtype, fit, objective, param_groups
 from synthetic import write_synthetic_cache
 
@@ -96,8 +97,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_head(seq_cache, tmp_path, monkey
     out = tmp_path / "run"
     with pytest.raises(AdlError, match=r"diverged: the loss became nan in epoch 2 .*last good head \(epoch 1\)"):
         run_train(TrainConfig(cache=str(seq_cache), out=str(out), batch_size=32, **TINY), console=_quiet())
-    assert json.loads((out / "head.json").read_text())["epoch"] == 1
-    assert (out / "head.safetensors").is_file() and (out / "history.csv").is_file()
+    partial = tmp_path / "run.partial"  # the unfinished run, never swapped in
+    assert not out.exists()
+    assert json.loads((partial / "head.json").read_text())["epoch"] == 1
+    assert (partial / "head.safetensors").is_file() and (partial / "history.csv").is_file()
 
 
 def test_amp_decision():

@@ -18,13 +18,17 @@ max_epochs, patience, lr_patience, seed, dropout where the head has one):
 
 Writes ``baselines.csv`` (name, layer, val_<metric>, test_<metric>, params, seconds, hsv),
 ``baselines.png`` (single-layer test scores as bars, adalayers as a line) and config.json.
+A sweep trains the single-layer and last-layer rows with ``layer_baselines`` and writes them
+with ``write_csv``, so its plots read the same file format.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,38 +38,44 @@ from rich.table import Table
 from adl import __version__
 from adl.cache import open_cache, write_json
 from adl.train.config import TrainConfig, auto_head, resolve, view_for
+from adl.train.console import epoch_progress
 from adl.train.data import TrainData, load_data
+from adl.train.head_io import make_head
 from adl.train.heads import masked_mean
 from adl.train.metrics import hidden_state_variability, selection_metric
 from adl.train.plots import plot_baselines
-from adl.train.run import epoch_progress, make_head, prepare_out
+from adl.train.run import prepare_out, publish
 from adl.train.trainer import fit
 
 HSV_ROWS = 4096  # rows (examples or words) for the hsv score: memory HSV_ROWS * L * D * 4 bytes
 
 
-class _Views:
-    """Loads each view the baselines need once."""
+class Views:
+    """Loads each view of ``cache`` once (with ``cfg``'s device, seed and memory budget)."""
 
     def __init__(self, cache, cfg: TrainConfig):
         self.cache, self.cfg, self.loaded = cache, cfg, {}
 
-    def for_head(self, name: str) -> TrainData:
-        view = view_for(name, self.cache, self.cfg.pool)
+    def get(self, view: str) -> TrainData:
         if view not in self.loaded:
             self.loaded[view] = load_data(self.cache, view, device=self.cfg.device, seed=self.cfg.seed,
                                           memory_gb=self.cfg.memory_gb)
         return self.loaded[view]
 
+    def for_head(self, name: str) -> TrainData:
+        return self.get(view_for(name, self.cache, self.cfg.pool))
 
-def _train(name: str, label: str, shown, cfg: TrainConfig, views: _Views, console: Console, **extra):
-    """Fit one baseline head (``shown``: its csv "layer" entry); returns (csv row, FitResult, head)."""
-    data = views.for_head(name)
+
+def _train(name: str, label: str, shown, cfg: TrainConfig, views: Views, console: Console, *,
+           data: TrainData | None = None, **extra):
+    """Fit one baseline head (``shown``: its csv "layer" entry) on ``data`` (default: the head's
+    own view); returns (csv row, FitResult, head)."""
+    data = data or views.for_head(name)
     torch.manual_seed(cfg.seed)
     head = make_head(cfg, data, views.cache.manifest, name=name, **extra)
     m = selection_metric(data.task)
     with epoch_progress(console, label, cfg.max_epochs) as tick:
-        result = fit(head, data, cfg, on_epoch=lambda row, h: tick(row[f"val_{m}"]))
+        result = fit(head, data, cfg, on_epoch=lambda i, row: tick(row[f"val_{m}"]))
     row = {"name": label, "layer": shown, f"val_{m}": result.validation[m],
            f"test_{m}": result.test[m] if result.test else None, "params": result.params,
            "seconds": round(result.seconds, 3), "hsv": None}
@@ -75,7 +85,17 @@ def _train(name: str, label: str, shown, cfg: TrainConfig, views: _Views, consol
     return row, result, head
 
 
-def _head2toe(cfg: TrainConfig, views: _Views, console: Console) -> list[dict]:
+def layer_baselines(cfg: TrainConfig, views: Views, console: Console, view: str | None = None) -> list[dict]:
+    """One single-layer row per layer (the mix fixed one-hot, W_i trained) and the last-layer
+    probe, on ``view`` (default: each head's own view)."""
+    data = views.get(view) if view is not None else None
+    layers = views.cache.layers
+    rows = [_train("single-layer", "single-layer", layer, cfg, views, console, data=data, layer=i)[0]
+            for i, layer in enumerate(layers)]
+    return rows + [_train("last-layer", "last-layer", layers[-1], cfg, views, console, data=data)[0]]
+
+
+def _head2toe(cfg: TrainConfig, views: Views, console: Console) -> list[dict]:
     """Group-lasso fit on all layers, keep the top ``keep`` fraction of groups, retrain on them."""
     first_row, _, first = _train("head2toe", "head2toe-lasso", "all", cfg, views, console)
     kept = first.select_layers(cfg.keep)
@@ -128,34 +148,37 @@ def run_baselines(cfg: TrainConfig, *, console: Console | None = None) -> dict:
     t0 = time.perf_counter()
     cache = open_cache(cfg.cache)
     cfg = resolve(dataclasses.replace(cfg, head=None, layer=None), cache, kind="baselines")
-    out = prepare_out(cfg.out, cfg.overwrite)
+    final, out = Path(cfg.out), prepare_out(cfg.out, cfg.overwrite)
     write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "cache_hash": cache.hash,
                                      "adl_version": __version__, "kind": "baselines"})
-    views, ada_name = _Views(cache, cfg), auto_head(cache)
+    views, ada_name = Views(cache, cfg), auto_head(cache)
     console.print(f"baselines on {cache.root} ({cache.task} task, {len(cache.layers)} layers, "
                   f"selection: validation {selection_metric(cache.task)})", highlight=False, soft_wrap=True)
     rows = [_train(ada_name, ada_name, "mix", cfg, views, console)[0]]
-    for i, layer in enumerate(cache.layers):
-        rows.append(_train("single-layer", "single-layer", layer, cfg, views, console, layer=i)[0])
-    rows.append(_train("last-layer", "last-layer", cache.layers[-1], cfg, views, console)[0])
+    rows += layer_baselines(cfg, views, console)
     rows.append(_train("scalar-mix", "scalar-mix", "all", cfg, views, console)[0])
     rows += _head2toe(cfg, views, console)
     rows += _hsv_rows(views.for_head("last-layer"), cfg.seed)
     metric = selection_metric(cache.task)
-    _write_csv(out / "baselines.csv", rows, metric)
+    write_csv(out / "baselines.csv", rows, metric)
     _plot(rows, metric, out)
+    publish(out, final)
+    out = final
     console.print(_table(rows, metric))
     console.print(f"baselines written to {out}/baselines.csv and baselines.png "
                   f"({time.perf_counter() - t0:.1f}s)", highlight=False, soft_wrap=True)
     return {"out": str(out), "rows": rows, "metric": metric}
 
 
-def _write_csv(path, rows: list[dict], metric: str) -> None:
+def write_csv(path: Path, rows: list[dict], metric: str) -> None:
+    """baselines.csv, written aside and renamed (several sweep workers may write the same file)."""
     fields = ["name", "layer", f"val_{metric}", f"test_{metric}", "params", "seconds", "hsv"]
-    with open(path, "w", newline="") as f:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in fields} for r in rows)
+    os.replace(tmp, path)
 
 
 def _plot(rows: list[dict], metric: str, out) -> None:

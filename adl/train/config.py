@@ -1,6 +1,6 @@
 """TrainConfig: every knob of `adl train` / `adl baselines`, validated, with task presets.
 
-Hyperparameters left ``None`` are filled by ``resolve(cfg, cache)`` from METHOD.md's published
+Hyperparameters left ``None`` are filled by ``resolve(cfg, cache)`` from the thesis' published
 values (RoBERTa-large thesis table), chosen by what the cache holds:
 
     preset  chosen when                 k   alpha lam   cutoff drop heads pos lr   wd   lr_pat pat epochs batch
@@ -12,7 +12,7 @@ values (RoBERTa-large thesis table), chosen by what the cache holds:
 early-stopping patience; ours are: batch 32; patience = lr_patience + 5 (IMDB) or + ~50 %
 (CoLA, CoNLL) so the learning rate is halved at least once before early stopping can fire;
 max_epochs a ceiling that early stopping normally undercuts. The dropout is 0.3, not the
-thesis table's 0.03 (see METHOD.md).
+thesis table's 0.03 (see docs/method.md).
 
 The dataclass is frozen and every field has a default, so a sweep point is
 ``dataclasses.replace(base, **point)`` and is validated again on construction.
@@ -55,7 +55,7 @@ class TrainConfig:
     head: str | None = _opt(f"one of {', '.join(TRAIN_HEADS)}; None = adalayers on a tokens view, "
                             "else adalayers-pooled")
     preset: str | None = _opt("imdb | cola | conll; None = chosen from the cache's task and dataset")
-    # the method (METHOD.md)
+    # the method (docs/method.md)
     alpha: float | None = _opt("softmax sharpness: w = softmax(alpha * p)")
     lam: float | None = _opt("entropy coefficient lambda (flag --lambda); entropy summed over layers")
     k: int | None = _opt("projection width of each layer")
@@ -103,7 +103,7 @@ def _check(c: TrainConfig) -> None:
     for name, low in ints.items():
         v = getattr(c, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
-            raise AdlError(f"{_flag(name)} must be an integer >= {low} (got {v!r})")
+            raise AdlError(f"{flag(name)} must be an integer >= {low} (got {v!r})")
     if c.layer is not None and (isinstance(c.layer, bool) or not isinstance(c.layer, int)):
         raise AdlError(f"--layer must be an integer layer index (got {c.layer!r})")
     _range(c.alpha, "alpha", lambda v: v > 0, "> 0, e.g. 70")
@@ -121,7 +121,7 @@ def _check(c: TrainConfig) -> None:
         raise AdlError(f"--layer applies to --head single-layer or linear-probe, not {c.head}; drop --layer")
 
 
-def _flag(name: str) -> str:
+def flag(name: str) -> str:
     return "--lambda" if name == "lam" else "--" + name.replace("_", "-")
 
 
@@ -129,7 +129,7 @@ def _range(v, name: str, ok, want: str) -> None:
     if v is None:
         return
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
-        raise AdlError(f"{_flag(name)} must be {want} (got {v!r})")
+        raise AdlError(f"{flag(name)} must be {want} (got {v!r})")
 
 
 # ---- resolution against a cache -----------------------------------------------------------

@@ -65,12 +65,31 @@ def _task_input(z: Tensor, mask: Tensor | None, task: str) -> Tensor:
                    "tokens view (B, T, L, D), sequence tasks the tokens view or a pooled view (B, L, D)")
 
 
+def layer_features(z: Tensor, W: Tensor, k: int, *, activation: bool = True, gamma: Tensor | None = None,
+                   beta: Tensor | None = None) -> Tensor:
+    """f_i = N(a(Z_i) W_i^T) for every layer i and each of G stacked projections, as one GEMM per layer.
+
+    z (..., L, D); W (L, G*k, D), i.e. G projections of width k side by side (G = 1 for one head);
+    gamma/beta None or (G, L, k) -> (G, ..., L, k), a view. a = GELU unless ``activation`` is
+    False (a cache whose tokens were stored after GELU), N = layer norm over k.
+    """
+    h = F.gelu(z) if activation else z
+    lead, (L, D) = h.shape[:-2], h.shape[-2:]
+    f = torch.bmm(h.reshape(-1, L, D).transpose(0, 1), W.transpose(1, 2))  # (L, N, G*k)
+    f = F.layer_norm(f.unflatten(-1, (-1, k)), (k,))  # (L, N, G, k)
+    if gamma is not None:
+        f = f * gamma.transpose(0, 1)[:, None] + beta.transpose(0, 1)[:, None]
+    return f.permute(2, 1, 0, 3).unflatten(1, lead)
+
+
 class LayerMix(nn.Module):
-    """f_i = N(GELU(Z_i) W_i^T), w = cutoff(softmax(alpha*p), c), F = sum_i w_i f_i.
+    """f_i = N(a(Z_i) W_i^T), w = cutoff(softmax(alpha*p), c), F = sum_i w_i f_i, with a = GELU.
 
     Shapes: Z (..., L, D) -> F (..., k). ``W`` is one (L, k, D) parameter without bias; N is a
     layer norm over k (no affine parameters unless ``norm_affine``, then per-layer gamma/beta).
-    ``p`` (L,) starts at zeros (uniform mix); ``layers_trainable=False`` freezes it (uniform mix).
+    ``p`` (L,) starts at zeros (uniform mix). ``alpha`` and ``cutoff`` are 0-d buffers, so a
+    stack of mixes (a vectorised sweep) carries one value per configuration.
+    ``activation=False`` skips a: the cache stored its tokens after GELU already.
 
     Cutoff: entries of s = softmax(alpha*p) with s_i <= c are dropped and the rest renormalised,
     which equals a softmax of alpha*p over the kept layers only. It is computed that way (the
@@ -88,8 +107,7 @@ class LayerMix(nn.Module):
     """
 
     def __init__(self, n_layers: int, in_dim: int, k: int, *, alpha: float = 1.0, cutoff: float = 0.0,
-                 norm_affine: bool = False, activation: bool = True, layers_trainable: bool = True,
-                 fixed_layer: int | None = None):
+                 norm_affine: bool = False, activation: bool = True, fixed_layer: int | None = None):
         super().__init__()
         if n_layers < 1 or in_dim < 1 or k < 1:
             raise AdlError(f"LayerMix needs n_layers, in_dim and k >= 1 (got {n_layers}, {in_dim}, {k}); fix the head size")
@@ -97,8 +115,9 @@ class LayerMix(nn.Module):
             raise AdlError(f"cutoff must be in [0, 1) (got {cutoff}); e.g. --cutoff 0.005")
         if alpha <= 0:
             raise AdlError(f"alpha must be > 0 (got {alpha}); e.g. --alpha 70")
-        self.n_layers, self.in_dim, self.k = n_layers, in_dim, k
-        self.alpha, self.cutoff, self.activation = float(alpha), float(cutoff), activation
+        self.n_layers, self.in_dim, self.k, self.activation = n_layers, in_dim, k, activation
+        self.register_buffer("alpha", torch.tensor(float(alpha)), persistent=False)
+        self.register_buffer("cutoff", torch.tensor(float(cutoff)), persistent=False)
         self.fixed_layer = None if fixed_layer is None else _layer_index(fixed_layer, n_layers)
         bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default init, per layer
         W = torch.empty(n_layers, k, in_dim).uniform_(-bound, bound)
@@ -106,7 +125,7 @@ class LayerMix(nn.Module):
         if self.fixed_layer is not None:  # keep only layer i's projection (drawn as in the full head)
             W, n_proj = W[self.fixed_layer : self.fixed_layer + 1].clone(), 1
         self.W = nn.Parameter(W)
-        self.p = nn.Parameter(torch.zeros(n_layers), requires_grad=layers_trainable and fixed_layer is None)
+        self.p = nn.Parameter(torch.zeros(n_layers), requires_grad=fixed_layer is None)
         self.gamma = nn.Parameter(torch.ones(n_proj, k)) if norm_affine else None
         self.beta = nn.Parameter(torch.zeros(n_proj, k)) if norm_affine else None
         if self.fixed_layer is not None:
@@ -143,21 +162,22 @@ class LayerMix(nn.Module):
         """Indices of layers with nonzero weight (host sync: for reporting and inference plans)."""
         return torch.nonzero(self.weights() > 0).flatten().tolist()
 
-    def _project(self, z: Tensor, W: Tensor, gamma: Tensor | None, beta: Tensor | None) -> Tensor:
-        """(..., L', D) with W (L', k, D) -> normalised per-layer features (..., L', k)."""
-        h = F.gelu(z) if self.activation else z
-        f = F.layer_norm(torch.einsum("...ld,lkd->...lk", h, W), (self.k,))
-        return f * gamma + beta if gamma is not None else f
+    def features(self, z: Tensor) -> Tensor:
+        """(..., L, D) -> per-layer features f (..., L', k); L' = 1 for a fixed layer."""
+        if self.fixed_layer is not None:  # W holds only the chosen layer's projection
+            z = z[..., self.fixed_layer : self.fixed_layer + 1, :]
+        gamma, beta = (None, None) if self.gamma is None else (self.gamma[None], self.beta[None])
+        return layer_features(z, self.W, self.k, activation=self.activation, gamma=gamma, beta=beta)[0]
 
-    def forward(self, z: Tensor) -> Tensor:
-        """(..., L, D) -> (..., k)."""
+    def forward(self, z: Tensor, feats: Tensor | None = None) -> Tensor:
+        """(..., L, D) -> (..., k). ``feats``: this mix's ``features(z)`` computed by the caller
+        (a vectorised sweep projects all its configurations in one GEMM)."""
         if tuple(z.shape[-2:]) != (self.n_layers, self.in_dim):
             raise AdlError(f"head expects {self.n_layers} hidden states of width {self.in_dim}, got shape "
                            f"{tuple(z.shape)}; build the head from this cache's manifest")
-        if self.fixed_layer is not None:  # W holds only the chosen layer's projection
-            i = slice(self.fixed_layer, self.fixed_layer + 1)
-            return self._project(z[..., i, :], self.W, self.gamma, self.beta).squeeze(-2)
-        f = self._project(z, self.W, self.gamma, self.beta)  # (..., L, k)
+        f = self.features(z) if feats is None else feats
+        if self.fixed_layer is not None:
+            return f.squeeze(-2)
         return torch.einsum("...lk,l->...k", f, self.weights())
 
 
@@ -190,8 +210,8 @@ class _MixHead(nn.Module):
 class AdaLayersHead(_MixHead):
     """LayerMix -> (+ positional embeddings) -> dropout -> task block -> linear.
 
-    sequence: F (B, T, k) -> MultiheadAttention(k, heads) with key padding mask (+ F if
-      ``residual``; off by default, as in the thesis) -> masked mean over T -> Linear(k, C).
+    sequence: F (B, T, k) -> MultiheadAttention(k, heads) with key padding mask -> masked mean
+      over T -> Linear(k, C).
     token: ``layers_enc`` pre-LN TransformerEncoderLayers (norm_first, final LayerNorm) with the
       padding mask -> Linear(k, C) per token.
     ``pos_emb`` adds fixed sinusoidal positions (T <= max_len). ``post_gelu`` applies the
@@ -203,14 +223,14 @@ class AdaLayersHead(_MixHead):
     def __init__(self, n_layers: int, in_dim: int, n_classes: int, *, task: str, k: int = 64,
                  alpha: float = 70.0, cutoff: float = 0.005, dropout: float = 0.3, heads: int = 16,
                  pos_emb: bool = False, max_len: int = 512, layers_enc: int = 1, ff: int = 2048,
-                 norm_affine: bool = False, post_gelu: bool = False, residual: bool = False,
+                 norm_affine: bool = False, post_gelu: bool = False, activation: bool = True,
                  fixed_layer: int | None = None):
         super().__init__()
         self.spec = _spec("adalayers" if fixed_layer is None else "single-layer", locals())
         _check_task(task)
-        self.task, self.post_gelu, self.residual = task, post_gelu, residual
+        self.task, self.post_gelu = task, post_gelu
         self.mix = LayerMix(n_layers, in_dim, k, alpha=alpha, cutoff=cutoff, norm_affine=norm_affine,
-                            fixed_layer=fixed_layer)
+                            activation=activation, fixed_layer=fixed_layer)
         if heads < 1 or k % heads:
             fix = f"e.g. k={heads * math.ceil(k / heads)}" if heads >= 1 else "heads must be >= 1"
             raise AdlError(f"k={k} is not divisible by heads={heads}; make k a multiple of heads ({fix})")
@@ -228,14 +248,15 @@ class AdaLayersHead(_MixHead):
                                                  enable_nested_tensor=False)
         self.out = nn.Linear(k, n_classes)
 
-    def forward(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
-        """z (B, T, L, D), mask (B, T) -> (B, C) for sequence, (B, T, C) for token tasks."""
+    def forward(self, z: Tensor, mask: Tensor | None = None, feats: Tensor | None = None) -> Tensor:
+        """z (B, T, L, D), mask (B, T) -> (B, C) for sequence, (B, T, C) for token tasks.
+        ``feats``: the mix's per-layer features, when the caller computed them (LayerMix.forward)."""
         if z.dim() != 4:
             raise AdlError(f"adalayers needs the tokens view (B, T, L, D), got shape {tuple(z.shape)}; "
                            "use head adalayers-pooled for a pooled view")
         B, T = z.shape[:2]
         mask = torch.ones(B, T, dtype=torch.bool, device=z.device) if mask is None else mask.bool()
-        x = self.mix(z)  # (B, T, k)
+        x = self.mix(z, feats)  # (B, T, k)
         if self.post_gelu:
             x = F.gelu(x)
         if self.pos is not None:
@@ -245,7 +266,7 @@ class AdaLayersHead(_MixHead):
         x = self.dropout(x.masked_fill(~mask[..., None], 0.0))
         if self.task == "sequence":
             a, _ = self.attn(x, x, x, key_padding_mask=~mask, need_weights=False)
-            return self.out(masked_mean(a + x if self.residual else a, mask))
+            return self.out(masked_mean(a, mask))
         return self.out(self.encoder(x, src_key_padding_mask=~mask))
 
 
@@ -257,7 +278,8 @@ class PooledHead(_MixHead):
 
     def __init__(self, n_layers: int, in_dim: int, n_classes: int, *, task: str = "sequence", k: int = 64,
                  alpha: float = 70.0, cutoff: float = 0.005, hidden: int = 256, dropout: float = 0.3,
-                 norm_affine: bool = False, post_gelu: bool = False, fixed_layer: int | None = None):
+                 norm_affine: bool = False, post_gelu: bool = False, activation: bool = True,
+                 fixed_layer: int | None = None):
         super().__init__()
         self.spec = _spec("adalayers-pooled", locals())
         _check_task(task)
@@ -265,12 +287,12 @@ class PooledHead(_MixHead):
             raise AdlError("adalayers-pooled handles sequence tasks only; use head adalayers for token tasks")
         self.task, self.post_gelu = task, post_gelu
         self.mix = LayerMix(n_layers, in_dim, k, alpha=alpha, cutoff=cutoff, norm_affine=norm_affine,
-                            fixed_layer=fixed_layer)
+                            activation=activation, fixed_layer=fixed_layer)
         self.mlp = nn.Sequential(nn.Linear(k, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes))
 
-    def forward(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
-        """(B, L, D) or (B, T, L, D) + mask -> (B, C)."""
-        x = self.mix(_task_input(z, mask, self.task))
+    def forward(self, z: Tensor, mask: Tensor | None = None, feats: Tensor | None = None) -> Tensor:
+        """(B, L, D) or (B, T, L, D) + mask -> (B, C); ``feats`` as in AdaLayersHead."""
+        x = self.mix(_task_input(z, mask, self.task), feats)
         return self.mlp(F.gelu(x) if self.post_gelu else x)
 
 

@@ -1,4 +1,5 @@
-"""fit(head, data, cfg): one training recipe for every head, read top to bottom.
+"""fit(head, data, cfg) and fit_all(learner, ...): the one training loop, for a head alone and
+for a vectorised group of configurations (adl.sweep.group) alike.
 
     loss = CE(logits, y)                          y = -100 ignored (padding, unlabeled)
          + lam   * Entropy(softmax(alpha p))      heads with a LayerMix (summed over layers)
@@ -13,9 +14,10 @@ Selection metric (metrics.selection_metric): sequence tasks -> accuracy (MCC and
 reported too); token tasks -> entity-level F1 over words (first sub-token of each word,
 CoNLL scheme, seqeval via metrics.words_from_tokens), never sub-token accuracy.
 
-No host sync inside an epoch: the loss is summed on the device and read once per epoch. A
-non-finite epoch loss raises ``TrainingDiverged`` (an AdlError); the caller has already saved
-the last good head through ``on_best``.
+No host sync inside an epoch: the loss is summed on the device and read once per epoch; a
+batch with no labelled position is skipped (decided on the host). A non-finite epoch loss
+stops that configuration with ``TrainingDiverged`` (an AdlError; ``fit`` raises it); the
+caller has already saved the last good head through ``on_best``.
 
 Mixed precision: ``amp_dtype`` picks bf16 on CUDA GPUs that support it, fp16 (with a
 GradScaler) on older ones, and nothing on CPU/MPS, so CPU runs are exact and reproducible.
@@ -24,11 +26,10 @@ GradScaler) on older ones, and nothing on CPU/MPS, so CPU runs are exact and rep
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -133,67 +134,164 @@ def _scalars(metrics: dict, prefix: str) -> dict:
     return {f"{prefix}{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def fit(head: nn.Module, data: TrainData, cfg, *, on_epoch: Callable[[dict, nn.Module], None] | None = None,
-        on_best: Callable[[nn.Module, int], None] | None = None) -> FitResult:
+class Learner(Protocol):
+    """G head configurations being trained, of which ``fit_all`` calls the running ones by
+    position 0..n-1 (``keep`` narrows them). ``Solo`` is one head with torch's AdamW; a
+    vectorised sweep supplies a group (adl.sweep.group). What is the same for every learner
+    (the epoch loop, the history row, plateau halving, early stopping, best-state restore, the
+    final test pass) is ``fit_all``'s."""
+
+    def set_lr(self, lrs: list[float]) -> None: ...  # this epoch's lr of each running configuration
+    def train_epoch(self, split: SplitData, batch_size: int, epoch: int) -> list[float]: ...  # mean losses
+    def predict(self, split: SplitData, batch_size: int) -> list[np.ndarray]: ...  # class ids, cache order
+    def weights(self) -> np.ndarray: ...  # (n, L) layer weights
+    def snapshot(self, i: int) -> dict: ...  # a copy of running configuration i's state_dict
+    def keep(self, positions: list[int]) -> None: ...  # only these running configurations go on
+    def restore(self, configs: list[int], states: list[dict]) -> None: ...  # these (0..G-1) run, with states
+
+
+def snapshot(head: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in head.state_dict().items()}
+
+
+class Solo:
+    """One head, torch.optim.AdamW (layer logits without decay), fp16 GradScaler under CUDA fp16."""
+
+    def __init__(self, head: nn.Module, cfg, device: torch.device):
+        self.head, self.cfg = head.to(device), cfg
+        self.amp = amp_dtype(device.type, device.type == "cuda" and torch.cuda.is_bf16_supported())
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        self.opt = torch.optim.AdamW(param_groups(head, cfg.weight_decay), lr=cfg.lr)
+
+    def set_lr(self, lrs: list[float]) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lrs[0]
+
+    def train_epoch(self, split: SplitData, batch_size: int, epoch: int) -> list[float]:
+        """One pass over the shuffled training split; the mean loss is the epoch's only sync."""
+        self.head.train()
+        total, steps, has_labels = torch.zeros((), device=split.device), 0, labelled_examples(split)
+        for b in split.batches(batch_size, epoch):
+            if not has_labels[b.index].any():
+                continue  # CE over no position is NaN: not a divergence, nothing to learn
+            with _autocast(split.device, self.amp):
+                logits = self.head(b.z, b.mask)
+            loss = objective(self.head, logits, b.y, self.cfg)
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            total += loss.detach()
+            steps += 1
+        return [float(total.item()) / max(steps, 1)]
+
+    def predict(self, split: SplitData, batch_size: int) -> list[np.ndarray]:
+        return [predict(self.head, split, batch_size, self.amp)]
+
+    def weights(self) -> np.ndarray:
+        return layer_weights(self.head)[None]
+
+    def snapshot(self, i: int) -> dict:
+        return snapshot(self.head)
+
+    def keep(self, positions: list[int]) -> None:
+        pass  # one configuration: fit_all stops when it stops
+
+    def restore(self, configs: list[int], states: list[dict]) -> None:
+        if states:
+            self.head.load_state_dict(states[0])
+
+
+def labelled_examples(split: SplitData) -> np.ndarray:
+    """(N,) bool, host side: examples with at least one labelled position (a token task's
+    sentence may have none; a batch of only such sentences is skipped, with no device sync)."""
+    if split.task != "token":
+        return split.labels >= 0
+    c = np.concatenate([[0], np.cumsum(split.labels != -100)])
+    return c[split.offsets[1:]] > c[split.offsets[:-1]]
+
+
+def fit(head: nn.Module, data: TrainData, cfg, *, on_epoch: Callable[[int, dict], bool | None] | None = None,
+        on_best: Callable[[int, int], None] | None = None) -> FitResult:
     """Train ``head`` on ``data`` with ``cfg`` (a resolved TrainConfig); see the module docstring.
 
-    ``on_epoch(row, head)`` runs after every epoch (live display); ``on_best(head, epoch)`` after
-    every improvement (the caller saves the checkpoint).
+    Raises TrainingDiverged when the loss becomes non-finite; ``head`` then holds the last epoch's weights.
     """
-    device = data.train.device
-    torch.manual_seed(cfg.seed)  # dropout stream
-    head.to(device)
-    amp = amp_dtype(device.type, device.type == "cuda" and torch.cuda.is_bf16_supported())
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    opt = torch.optim.AdamW(param_groups(head, cfg.weight_decay), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=cfg.lr_patience)
-    metric = selection_metric(data.task)
-    best, best_epoch, best_state, best_val, history = -math.inf, 0, None, None, []
-    start, stop_reason = time.perf_counter(), "max_epochs"
-    for epoch in range(1, cfg.max_epochs + 1):
+    result = fit_all(Solo(head, cfg, data.train.device), data, [cfg], [head], on_epoch=on_epoch, on_best=on_best)[0]
+    if isinstance(result, TrainingDiverged):
+        raise result
+    return result
+
+
+def fit_all(learner: Learner, data: TrainData, cfgs: list, heads: list[nn.Module], *,
+            on_epoch: Callable[[int, dict], bool | None] | None = None,
+            on_best: Callable[[int, int], None] | None = None) -> list[FitResult | TrainingDiverged]:
+    """The training loop of every head: ``learner`` trains configurations ``cfgs`` (``heads[i]``
+    ends with configuration i's best weights).
+
+    Per epoch and configuration: train, score validation, step ReduceLROnPlateau (factor 0.5,
+    patience ``lr_patience``, on the selection metric), write the history row, keep a copy of
+    the best state (then ``on_best(i, epoch)``), then ``on_epoch(i, row)``: returning True stops
+    configuration i ("pruned"). A configuration stops after ``patience`` epochs without a better
+    validation score, at its ``max_epochs``, or when its loss is not finite (its result is then a
+    TrainingDiverged). At the end each one's best state is restored and the test split scored
+    once. ``seconds`` (per row and in total) is the wall time divided by the configurations sharing it.
+    """
+    G, metric = len(cfgs), selection_metric(data.task)
+    torch.manual_seed(cfgs[0].seed)  # the dropout stream
+    stand_ins = [torch.optim.SGD([torch.zeros(1)], lr=c.lr) for c in cfgs]  # hold each lr for its scheduler
+    scheds = [torch.optim.lr_scheduler.ReduceLROnPlateau(o, mode="max", factor=0.5, patience=c.lr_patience)
+              for o, c in zip(stand_ins, cfgs)]
+    best, best_epoch, best_val, best_state = [-math.inf] * G, [0] * G, [None] * G, [None] * G
+    history, stop, diverged = [[] for _ in range(G)], [None] * G, [None] * G
+    rows, start = list(range(G)), time.perf_counter()
+    for epoch in range(1, max(c.max_epochs for c in cfgs) + 1):
         t0 = time.perf_counter()
-        lr = opt.param_groups[0]["lr"]
-        loss = _train_epoch(head, data.train, cfg, opt, scaler, amp, epoch)
-        if not math.isfinite(loss):
-            raise TrainingDiverged(_diverged_message(loss, epoch, lr, best_epoch), epoch, best_epoch or None)
-        val = evaluate(head, data.validation, data.label_names, cfg.batch_size, amp)
-        sched.step(val[metric])
-        w = layer_weights(head)
-        row = {"epoch": epoch, "loss": loss, **_scalars(val, "val_"), "lr": lr,
-               "seconds": time.perf_counter() - t0, **{f"w_{l}": float(v) for l, v in zip(data.layers, w)}}
-        history.append(row)
-        if val[metric] > best:
-            best, best_epoch, best_val = val[metric], epoch, val
-            best_state = copy.deepcopy(head.state_dict())
-            if on_best is not None:
-                on_best(head, epoch)
-        if on_epoch is not None:
-            on_epoch(row, head)
-        if epoch - best_epoch >= cfg.patience:
-            stop_reason = f"early stop: no better validation {metric} for {cfg.patience} epochs"
+        lrs = [stand_ins[r].param_groups[0]["lr"] for r in rows]
+        learner.set_lr(lrs)
+        losses = learner.train_epoch(data.train, cfgs[0].batch_size, epoch)
+        preds = learner.predict(data.validation, cfgs[0].batch_size)
+        weights = learner.weights()
+        seconds = (time.perf_counter() - t0) / len(rows)
+        for i, r in enumerate(rows):
+            if not math.isfinite(losses[i]):
+                diverged[r] = TrainingDiverged(_diverged_message(losses[i], epoch, lrs[i], best_epoch[r]), epoch,
+                                               best_epoch[r] or None)
+                stop[r] = "diverged"
+                continue
+            val = score(preds[i], data.validation, data.label_names)
+            scheds[r].step(val[metric])
+            row = {"epoch": epoch, "loss": losses[i], **_scalars(val, "val_"), "lr": lrs[i], "seconds": seconds,
+                   **{f"w_{l}": float(v) for l, v in zip(data.layers, weights[i])}}
+            history[r].append(row)
+            if val[metric] > best[r]:
+                best[r], best_epoch[r], best_val[r], best_state[r] = val[metric], epoch, val, learner.snapshot(i)
+                if on_best is not None:
+                    on_best(r, epoch)
+            if on_epoch is not None and on_epoch(r, row):
+                stop[r] = "pruned"
+            elif epoch - best_epoch[r] >= cfgs[r].patience:
+                stop[r] = f"early stop: no better validation {metric} for {cfgs[r].patience} epochs"
+            elif epoch >= cfgs[r].max_epochs:
+                stop[r] = "max_epochs"
+        running = [r for r in rows if stop[r] is None]
+        if not running:
             break
-    head.load_state_dict(best_state)
-    test = evaluate(head, data.test, data.label_names, cfg.batch_size, amp) if data.test is not None else None
-    w = layer_weights(head)
-    return FitResult(history, best_epoch, best_val, test, metric, stop_reason, time.perf_counter() - start,
-                     trainable_params(head), [float(v) for v in w], [int(i) for i in np.flatnonzero(w > 0)])
-
-
-def _train_epoch(head, split: SplitData, cfg, opt, scaler, amp, epoch: int) -> float:
-    """One pass over the shuffled training split; returns the mean loss (the epoch's only sync)."""
-    head.train()
-    total, steps = torch.zeros((), device=split.device), 0
-    for b in split.batches(cfg.batch_size, epoch):
-        with _autocast(split.device, amp):
-            logits = head(b.z, b.mask)
-        loss = objective(head, logits, b.y, cfg)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        total += loss.detach()
-        steps += 1
-    return float(total.item()) / max(steps, 1)
+        if len(running) < len(rows):
+            learner.keep([rows.index(r) for r in running])
+            rows = running
+    ok = [r for r in range(G) if diverged[r] is None]
+    learner.restore(ok, [best_state[r] for r in ok])
+    tests = learner.predict(data.test, cfgs[0].batch_size) if ok and data.test is not None else [None] * len(ok)
+    weights = learner.weights() if ok else []
+    seconds = (time.perf_counter() - start) / G
+    results: list[FitResult | TrainingDiverged] = list(diverged)
+    for r, pred, w in zip(ok, tests, weights):
+        results[r] = FitResult(history[r], best_epoch[r], best_val[r],
+                               None if pred is None else score(pred, data.test, data.label_names), metric, stop[r],
+                               seconds, trainable_params(heads[r]), [float(v) for v in w],
+                               [int(j) for j in np.flatnonzero(w > 0)])
+    return results
 
 
 def _diverged_message(loss: float, epoch: int, lr: float, best_epoch: int) -> str:

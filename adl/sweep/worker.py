@@ -24,15 +24,17 @@ from rich.console import Console
 from adl import __version__
 from adl.cache import open_cache, write_json
 from adl.errors import AdlError
+from adl.sweep.config import SweepConfig, SweepSpace
+from adl.sweep.group import fit_group, group_key
+from adl.sweep.report import baseline_paths, write_outputs
+from adl.sweep.study import OrderedGridSampler, SweepStudy, default_storage, safe_url
+from adl.train.baselines import Views, layer_baselines, write_csv
 from adl.train.config import resolve, view_for
-from adl.train.data import TrainData, load_data
-from adl.train.group import fit_group, group_key
+from adl.train.console import epoch_progress
+from adl.train.data import TrainData
+from adl.train.head_io import make_head
 from adl.train.metrics import selection_metric
-from adl.train.run import epoch_progress, make_head
-from adl.train.study import OrderedGridSampler, SweepStudy, default_storage, safe_url
-from adl.train.sweep import SweepConfig, SweepSpace
-from adl.train.sweep_report import baseline_paths, write_csv, write_outputs
-from adl.train.trainer import FitResult, TrainingDiverged, fit
+from adl.train.trainer import FitResult, Solo, TrainingDiverged, fit_all
 
 
 @dataclasses.dataclass
@@ -64,13 +66,10 @@ class Worker:
     def __init__(self, cfg: SweepConfig, cache, space: SweepSpace, console: Console):
         self.cfg, self.cache, self.space, self.console = cfg, cache, space, console
         self.metric = selection_metric(cache.task)
-        self._views: dict[str, TrainData] = {}
+        self.views = Views(cache, resolve(cfg.fixed, cache))
 
-    def data(self, view: str, seed: int, train_cfg) -> TrainData:
-        if view not in self._views:
-            self._views[view] = load_data(self.cache, view, device=train_cfg.device, seed=seed,
-                                          memory_gb=train_cfg.memory_gb)
-        return _with_seed(self._views[view], seed)
+    def data(self, view: str, seed: int) -> TrainData:
+        return _with_seed(self.views.get(view), seed)
 
     def build(self, job: Job, data: TrainData):
         torch.manual_seed(job.cfg.seed)  # the same initialisation as `adl train` with this seed
@@ -86,7 +85,7 @@ class Worker:
             if key not in seen:
                 seen.add(key)
                 view = view_for(cfg.head, self.cache, cfg.pool)
-                self.build(Job(None, point, cfg, view, True), self.data(view, cfg.seed, cfg))
+                self.build(Job(None, point, cfg, view, True), self.data(view, cfg.seed))
 
     def jobs(self, trials: list) -> list[Job]:
         out = []
@@ -116,7 +115,7 @@ class Worker:
                 self._train(todo[start:start + self.cfg.group_size], pruned)
 
     def _train(self, jobs: list[Job], pruned: set) -> None:
-        data = self.data(jobs[0].view, jobs[0].cfg.seed, jobs[0].cfg)
+        data = self.data(jobs[0].view, jobs[0].cfg.seed)
         try:
             heads = [self.build(j, data) for j in jobs]
         except AdlError as e:
@@ -141,28 +140,15 @@ class Worker:
             if self.cfg.vectorise:
                 results = fit_group(heads, data, [j.cfg for j in jobs], on_epoch=on_epoch)
             else:
-                results = [self._solo(h, data, j, i, on_epoch) for i, (h, j) in enumerate(zip(heads, jobs))]
+                results = [fit_all(Solo(h, j.cfg, data.train.device), data, [j.cfg], [h],
+                                   on_epoch=lambda _, row, i=i: on_epoch(i, row))[0]
+                           for i, (h, j) in enumerate(zip(heads, jobs))]
         for job, res in zip(jobs, results):
             if isinstance(res, TrainingDiverged):
                 job.error = str(res)
-            elif res is not None:  # None: pruned inside trainer.fit (--no-vectorise)
+            else:
                 job.result = res
                 res.group_size = len(jobs) if self.cfg.vectorise else 1
-
-    @staticmethod
-    def _solo(head, data, job: Job, i: int, on_epoch):
-        try:
-            return fit(head, data, job.cfg, on_epoch=lambda row, h: _raise_if(on_epoch(i, row)))
-        except TrainingDiverged as e:
-            return e
-        except optuna.TrialPruned:
-            return None
-
-
-def _raise_if(prune: bool) -> None:
-    if prune:
-        raise optuna.TrialPruned()
-
 
 def run_record(job: Job, layers: list[int]) -> dict:
     """One (trial, seed) run as stored in the study and written to results.csv."""
@@ -182,8 +168,7 @@ def _tell(study: SweepStudy, trial, jobs: list[Job], metric: str, layers: list[i
     runs = [run_record(j, layers) for j in jobs]
     ok = [r for r in runs if r.get("val") is not None]
     errors = [r["error"] for r in runs if r["error"]]
-    pruned = any(j.result is not None and j.result.stop_reason == "pruned" for j in jobs) or \
-        (not ok and not errors)  # solo fits that were pruned return no result
+    pruned = any(j.result is not None and j.result.stop_reason == "pruned" for j in jobs)
     value = float(np.mean([r["val"][metric] for r in ok])) if ok else None
     state = TrialState.FAIL if errors else TrialState.PRUNED if pruned else TrialState.COMPLETE
     study.finish(trial, {"point": {k: v for k, v in jobs[0].point.items() if k != "seed"}, "runs": runs,
@@ -204,27 +189,10 @@ def train_baselines(worker: Worker, out) -> None:
         base = resolve(cfg.fixed, cache)
         if base.head not in ("adalayers", "adalayers-pooled"):
             return
-        view = view_for(base.head, cache, base.pool)
-        data = worker.data(view, base.seed, base)
         worker.console.print(f"training the single-layer and last-layer baselines ({len(cache.layers) + 1} runs; "
                              "--baselines off skips them)", highlight=False)
-        fixed = {"adalayers": lambda i: dict(name="single-layer", layer=i),
-                 "adalayers-pooled": lambda i: dict(name="adalayers-pooled", fixed_layer=i)}[base.head]
-        rows, runs = [], [*cache.layers, None]
-        with epoch_progress(worker.console, "baselines", len(runs) * base.max_epochs) as tick:
-            results = []
-            for i, layer in enumerate(runs):
-                torch.manual_seed(base.seed)
-                kw = fixed(i) if layer is not None else dict(name="last-layer")
-                results.append(fit(make_head(base, data, cache.manifest, **kw), data, base,
-                                   on_epoch=lambda row, h: tick(row[f"val_{worker.metric}"])))
-        for layer, res in zip(runs, results):
-            m = res.metric
-            rows.append({"name": "single-layer" if layer is not None else "last-layer",
-                         "layer": layer if layer is not None else cache.layers[-1], f"val_{m}": res.validation[m],
-                         f"test_{m}": res.test[m] if res.test else None, "params": res.params,
-                         "seconds": round(res.seconds, 3), "hsv": None})
-        write_csv(out / "baselines.csv", rows)
+        rows = layer_baselines(base, worker.views, worker.console, view=view_for(base.head, cache, base.pool))
+        write_csv(out / "baselines.csv", rows, worker.metric)
 
 
 def open_sweep_study(cfg: SweepConfig, cache, space: SweepSpace, out) -> SweepStudy:

@@ -26,13 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adl.errors import AdlError
-from adl.train.config import TrainConfig, _flag
+from adl.sweep.group import GROUP_SCALARS
+from adl.train.config import TrainConfig, flag
 
 # Not hyperparameters: where things are and how the machine runs them.
 NOT_SWEPT = ("cache", "out", "device", "overwrite", "memory_gb")
 SWEEPABLE = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_SWEPT)
-# Per-configuration scalars of a vectorised group (see group.py); every other swept field splits groups.
-GROUP_SCALARS = ("alpha", "cutoff", "lam", "lasso", "lr", "weight_decay", "patience", "lr_patience", "max_epochs")
 SEARCHES = ("grid", "tpe")
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
@@ -61,13 +60,13 @@ def _value(name: str, text: str):
         return text
     except ValueError:
         want = {bool: "true or false", int: "an integer", float: "a number"}[kind]
-        raise AdlError(f"{_flag(name)}: {text!r} is not {want}; e.g. {_example(name)}") from None
+        raise AdlError(f"{flag(name)}: {text!r} is not {want}; e.g. {_example(name)}") from None
 
 
 def _example(name: str) -> str:
     kind = field_type(name)
-    return {bool: f"{_flag(name)} true,false", int: f"{_flag(name)} 32,64", float: f"{_flag(name)} 1e-4,1e-3 or "
-            f"{_flag(name)} 1e-5:1e-2:log (with --search tpe)"}.get(kind, f"{_flag(name)} a,b")
+    return {bool: f"{flag(name)} true,false", int: f"{flag(name)} 32,64", float: f"{flag(name)} 1e-4,1e-3 or "
+            f"{flag(name)} 1e-5:1e-2:log (with --search tpe)"}.get(kind, f"{flag(name)} a,b")
 
 
 @dataclass(frozen=True)
@@ -105,25 +104,25 @@ def parse_dim(name: str, text: str) -> Choice | Range:
     """'16,64,128' -> Choice; '8:256:log' or '0:0.01' -> Range (numbers only)."""
     if name not in SWEEPABLE:
         raise AdlError(f"{name!r} is not a hyperparameter a sweep can vary; use one of "
-                       f"{', '.join(_flag(n) for n in SWEEPABLE)}")
+                       f"{', '.join(flag(n) for n in SWEEPABLE)}")
     text = (text or "").strip()
     if not text:
-        raise AdlError(f"{_flag(name)} is empty; give values, e.g. {_example(name)}")
+        raise AdlError(f"{flag(name)} is empty; give values, e.g. {_example(name)}")
     kind = field_type(name)
     if ":" in text and kind in (int, float):
         parts = text.split(":")
         if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2].strip() != "log"):
-            raise AdlError(f"{_flag(name)} {text!r}: a range is lo:hi or lo:hi:log, e.g. {_flag(name)} 8:256:log")
+            raise AdlError(f"{flag(name)} {text!r}: a range is lo:hi or lo:hi:log, e.g. {flag(name)} 8:256:log")
         lo, hi = _value(name, parts[0]), _value(name, parts[1])
         if not lo < hi:
-            raise AdlError(f"{_flag(name)} {text!r}: the range needs lo < hi")
+            raise AdlError(f"{flag(name)} {text!r}: the range needs lo < hi")
         log = len(parts) == 3
         if log and lo <= 0:
-            raise AdlError(f"{_flag(name)} {text!r}: a log range needs lo > 0")
+            raise AdlError(f"{flag(name)} {text!r}: a log range needs lo > 0")
         return Range(float(lo), float(hi), log, kind is int)
     items = [t for t in text.split(",")]
     if any(not t.strip() for t in items):
-        raise AdlError(f"{_flag(name)} {text!r} has an empty value; give comma-separated values, e.g. {_example(name)}")
+        raise AdlError(f"{flag(name)} {text!r} has an empty value; give comma-separated values, e.g. {_example(name)}")
     values = tuple(dict.fromkeys(_value(name, t) for t in items))  # duplicates dropped, order kept
     return Choice(values)
 
@@ -162,7 +161,7 @@ class SweepConfig:
         if self.search == "grid":
             ranges = [n for n, d in self.space.items() if isinstance(d, Range)]
             if ranges:
-                raise AdlError(f"{_flag(ranges[0])} is a range: ranges need --search tpe --trials N; "
+                raise AdlError(f"{flag(ranges[0])} is a range: ranges need --search tpe --trials N; "
                                "a grid takes comma-separated values")
             if self.trials is not None:
                 raise AdlError("--trials applies to --search tpe; a grid runs every point")
@@ -212,17 +211,17 @@ class SweepConfig:
 def _check_dim(base: TrainConfig, name: str, dim) -> None:
     if name not in SWEEPABLE:
         raise AdlError(f"{name!r} is not a hyperparameter a sweep can vary; use one of "
-                       f"{', '.join(_flag(n) for n in SWEEPABLE)}")
+                       f"{', '.join(flag(n) for n in SWEEPABLE)}")
     if isinstance(dim, Choice):
         if not dim.values:
-            raise AdlError(f"{_flag(name)} has no values; e.g. {_example(name)}")
+            raise AdlError(f"{flag(name)} has no values; e.g. {_example(name)}")
         for v in dim.values:
             dataclasses.replace(base, **{name: v})  # TrainConfig validates the value's domain
     elif isinstance(dim, Range):
         for v in (dim.lo, dim.hi):
             dataclasses.replace(base, **{name: int(v) if dim.integer else v})
     else:
-        raise AdlError(f"{_flag(name)}: expected a list or a range, got {dim!r}")
+        raise AdlError(f"{flag(name)}: expected a list or a range, got {dim!r}")
 
 
 class SweepSpace:

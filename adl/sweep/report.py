@@ -24,8 +24,14 @@ from rich.table import Table
 
 from adl.cache import read_json, write_json
 from adl.errors import AdlError
-from adl.train.study import default_storage, open_storage, safe_url, study_progress, study_records
-from adl.train.sweep_plots import draw_all
+from adl.sweep.plots import draw_all
+from adl.sweep.study import (
+    default_storage,
+    open_storage,
+    safe_url,
+    study_progress,
+    study_records,
+)
 
 LEAD = ("trial", "state")
 TAIL = ("seed", "head", "params")

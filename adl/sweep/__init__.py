@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps over a cache: the space, the Optuna study, grouped training, workers, reports."""
