@@ -20,6 +20,7 @@ from adl.cache.summary import summary
 from adl.errors import AdlError
 from adl.extract.config import ExtractConfig
 from adl.extract.run import run_extract
+from adl.serve.predict import PredictConfig, run_predict
 from adl.sweep.config import NOT_SWEPT, SWEEPABLE, SweepConfig, field_type, parse_space
 from adl.sweep.report import report_sweep
 from adl.sweep.worker import run_sweep
@@ -241,6 +242,29 @@ def _sweep(**opts) -> None:
 
 _sweep.__signature__ = inspect.Signature(_sweep_params())
 app.command("sweep")(user_errors(_sweep))
+
+
+# ---- the heads on the backbone: predict -----------------------------------------------
+
+
+@app.command()
+@user_errors
+def predict(
+    run: Annotated[list[str], _O("--run", help="run folder written by `adl train` (repeat for several heads)")],
+    text: Annotated[Optional[list[str]], _O("--text", help="a text to predict (repeatable)")] = None,
+    file: Annotated[Optional[str], _O("--file", help=".txt (one text per line), .csv, .jsonl or .parquet")] = None,
+    text_column: Annotated[Optional[str], _O("--text-column", help="text column of --file (default: detected)")] = None,
+    split: Annotated[Optional[str], _O("--split", help="a split of the run's data set (or of --dataset)")] = None,
+    dataset: Annotated[Optional[str], _O("--dataset", help="data set spec for --split (default: the run's)")] = None,
+    out: Annotated[Optional[str], _O("--out", help="predictions JSONL (default predictions.jsonl)")] = None,
+    batch_size: Annotated[Optional[int], _O("--batch-size", help="examples per forward pass (default: the extraction's)")] = None,
+    device: Annotated[Optional[str], _O("--device", help="auto (default) | cpu | cuda")] = None,
+) -> None:
+    """Apply trained heads to texts, a file or a split, in one forward pass of their backbone."""
+    given = {k: v for k, v in dict(runs=run, texts=text, file=file, text_column=text_column, split=split,
+                                   dataset=dataset, out=out, batch_size=batch_size, device=device).items()
+             if v is not None}
+    run_predict(PredictConfig(**given))
 
 
 def main() -> None:

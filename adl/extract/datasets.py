@@ -30,7 +30,7 @@ CANONICAL = ("train", "validation", "test")
 CARVE_FRACTION = 0.1  # share of the source split carved out for each missing split
 _INT = re.compile(r"-?\d+")
 
-__all__ = ["Split", "LoadedDataset", "load_dataset", "carve", "check_classes", "NAMED"]
+__all__ = ["Split", "LoadedDataset", "load_dataset", "reload_dataset", "carve", "check_classes", "NAMED"]
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: arrays make field-wise == ambiguous
@@ -380,3 +380,17 @@ def fingerprint(task: str, label_names: list[str], splits: dict[str, Split]) -> 
         put(None if s.labels is None else np.asarray(s.labels).tolist() if task == "sequence" else s.labels)
         h.update(s.ids.astype("<i8").tobytes())
     return h.hexdigest()
+
+
+def reload_dataset(spec: dict) -> LoadedDataset:
+    """The data set a cache manifest records (its ``dataset.spec``), read again with the same
+    columns, limit and seed, so the splits are carved exactly as at extraction."""
+    kind = spec.get("kind")
+    if kind == "named":
+        text = spec["name"]
+    elif kind == "hub":
+        text = spec["hub_id"] + (f":{spec['config']}" if spec.get("config") else "")
+    else:
+        text = f"{kind}:{spec['path']}"
+    return load_dataset(text, text_column=spec.get("text_column"), label_column=spec.get("label_column"),
+                        limit=spec.get("limit"), seed=spec.get("seed", 42))

@@ -276,7 +276,7 @@ class Backbone:
                 states = out.hidden_states
             else:
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                 decoder_input_ids=self._shift_right(input_ids), decoder_attention_mask=attention_mask,
+                                 decoder_input_ids=self.shift_right(input_ids), decoder_attention_mask=attention_mask,
                                  output_hidden_states=True)
                 states = out.decoder_hidden_states
         # the reference code silently lost a layer; a count mismatch must stop the run (even under -O)
@@ -285,7 +285,7 @@ class Backbone:
                                f"{self.info.num_hidden_states} (num_layers + 1)")
         return tuple(states)
 
-    def _shift_right(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def shift_right(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Decoder input: the start token, then the input without its last token (B, T)."""
         shifted = input_ids.new_full(input_ids.shape, int(self.decoder_start))
         shifted[:, 1:] = input_ids[:, :-1]

@@ -50,6 +50,11 @@ class Projection:
         """x (n, L, H) token states of the stored layers -> (n, L, D) float32."""
         return torch.einsum("nlh,lhd->nld", F.gelu(x.float()) - self.mean, self.matrix)
 
+    def apply_layer(self, x: torch.Tensor, j: int) -> torch.Tensor:
+        """x (..., H) states of stored layer j (position in ``layers``) -> (..., D) float32: the
+        same map as ``apply``, one layer at a time (inference feeds layers as they finish)."""
+        return (F.gelu(x.float()) - self.mean[j]) @ self.matrix[j]
+
     def entry(self) -> dict:
         return {"method": self.method, "dim": self.dim, "seed": self.seed, "activation": ACTIVATION,
                 "sample_tokens": self.sample_tokens, "file": FILE}

@@ -256,7 +256,12 @@ class AdaLayersHead(_MixHead):
                            "use head adalayers-pooled for a pooled view")
         B, T = z.shape[:2]
         mask = torch.ones(B, T, dtype=torch.bool, device=z.device) if mask is None else mask.bool()
-        x = self.mix(z, feats)  # (B, T, k)
+        return self.readout(self.mix(z, feats), mask)
+
+    def readout(self, x: Tensor, mask: Tensor) -> Tensor:
+        """The task block after the mix: F (B, T, k), mask (B, T) bool -> logits (inference feeds
+        F accumulated layer by layer)."""
+        T = x.shape[1]
         if self.post_gelu:
             x = F.gelu(x)
         if self.pos is not None:
@@ -292,7 +297,10 @@ class PooledHead(_MixHead):
 
     def forward(self, z: Tensor, mask: Tensor | None = None, feats: Tensor | None = None) -> Tensor:
         """(B, L, D) or (B, T, L, D) + mask -> (B, C); ``feats`` as in AdaLayersHead."""
-        x = self.mix(_task_input(z, mask, self.task), feats)
+        return self.readout(self.mix(_task_input(z, mask, self.task), feats))
+
+    def readout(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The MLP after the mix: F (B, k) -> logits (B, C)."""
         return self.mlp(F.gelu(x) if self.post_gelu else x)
 
 

@@ -1,0 +1,192 @@
+"""``adl predict``: trained heads on new texts, a file, or a data set's split, in one pass.
+
+    inputs (--text | --file | --split) -> Predictor -> <out>.jsonl (id, text, one key per head)
+                                                     + metrics per head when the inputs have labels
+
+``--split S`` without ``--dataset`` re-reads the data set the first run's cache recorded, with
+the same columns, limit and seed (the same carving), so ``adl predict --run R --split test``
+scores exactly the run's test set. Metrics have the keys of the ``test`` block of the run's
+metrics.json and are computed by the trainer's own ``score``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from adl.cache import write_json
+from adl.errors import AdlError
+from adl.extract.datasets import TEXT_CANDIDATES, load_dataset, reload_dataset
+from adl.extract.sources import read_csv, read_jsonl
+from adl.serve.predictor import Predictor
+from adl.train.trainer import score
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    runs: list[str]
+    texts: list[str] = field(default_factory=list)
+    file: str | None = None
+    text_column: str | None = None
+    split: str | None = None
+    dataset: str | None = None
+    out: str | None = None
+    batch_size: int | None = None
+    device: str = "auto"
+
+    def __post_init__(self):
+        if not self.runs:
+            raise AdlError("no head given: pass --run RUN_FOLDER (repeat it for several heads)")
+        given = [flag for flag, v in (("--text", self.texts), ("--file", self.file), ("--split", self.split)) if v]
+        if len(given) != 1:
+            raise AdlError("give exactly one input: --text T (repeatable), --file PATH or --split S"
+                           + (f" (got {' and '.join(given)})" if given else ""))
+        if self.dataset and not self.split:
+            raise AdlError("--dataset goes with --split S: which split of that data set to predict")
+        if self.text_column and not self.file:
+            raise AdlError("--text-column goes with --file (a .csv, .jsonl or .parquet file)")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise AdlError(f"--batch-size must be >= 1 (got {self.batch_size})")
+
+
+@dataclass
+class Inputs:
+    items: list  # strings, or lists of words (a token data set)
+    ids: list  # row ids in the source
+    labels: object = None  # sequence ids (N,) or per-word tag ids; None: unlabelled
+    label_names: list[str] | None = None
+    skipped: int = 0  # empty lines/rows dropped
+
+
+def read_file(path: str, column: str | None) -> Inputs:
+    """.txt: one text per line; .csv/.jsonl/.parquet: the text column (given or detected)."""
+    p = Path(path)
+    if not p.is_file():
+        raise AdlError(f"file not found: {path}")
+    suffix = p.suffix.lower()
+    if suffix in (".txt", ""):
+        if column:
+            raise AdlError(f"{path} is plain text (one text per line): drop --text-column")
+        try:
+            lines = p.read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError as e:
+            raise AdlError(f"{path} is not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
+        cols = {"text": lines}
+    elif suffix == ".csv":
+        cols = read_csv(p)
+    elif suffix == ".jsonl":
+        cols = read_jsonl(p)
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        cols = pq.read_table(p).to_pydict()
+    else:
+        raise AdlError(f"{path}: unknown file type {suffix!r}; use .txt, .csv, .jsonl or .parquet")
+    name = column or next((c for c in TEXT_CANDIDATES if c in cols), None)
+    if name not in cols:
+        looked = f"column '{column}' not found" if column else f"no text column ({', '.join(TEXT_CANDIDATES)})"
+        raise AdlError(f"{path}: {looked}; the columns are: {', '.join(cols)}; pass --text-column NAME")
+    keep = [(i, str(t)) for i, t in enumerate(cols[name]) if t is not None and str(t).strip()]
+    return Inputs([t for _, t in keep], [i for i, _ in keep], skipped=len(cols[name]) - len(keep))
+
+
+def read_split(cfg: PredictConfig, manifest: dict) -> Inputs:
+    ds = load_dataset(cfg.dataset) if cfg.dataset else reload_dataset(manifest["dataset"]["spec"])
+    if cfg.split not in ds.splits:
+        raise AdlError(f"data set {ds.name} has no split '{cfg.split}'; it has {', '.join(ds.splits)}")
+    s = ds.splits[cfg.split]
+    items = s.texts if ds.task == "sequence" else s.words
+    return Inputs(list(items), s.ids.tolist(), s.labels, ds.label_names)
+
+
+def gather(cfg: PredictConfig, manifest: dict) -> Inputs:
+    if cfg.split:
+        return read_split(cfg, manifest)
+    if cfg.file:
+        return read_file(cfg.file, cfg.text_column)
+    keep = [t for t in cfg.texts if t.strip()]
+    return Inputs(keep, list(range(len(keep))), skipped=len(cfg.texts) - len(keep))
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+def head_metrics(p: Predictor, enc, pred, inputs: Inputs) -> dict:
+    """name -> metrics (the test block's keys) for every head trained on these labels."""
+    out = {}
+    ts = enc.ts
+    for name in pred.logits:
+        run = p.feeds[name].run
+        if inputs.labels is None or run.label_names != inputs.label_names or (run.task == "token") != (
+                ts.word_ids is not None):
+            continue
+        logits = pred.logits[name]
+        if run.task == "token":
+            flat = np.concatenate([z.argmax(-1) for z in logits]) if logits else np.zeros(0, np.int64)
+            split = SimpleNamespace(task="token", labels=ts.token_labels, offsets=ts.offsets)
+        else:
+            flat = np.array([int(z.argmax()) for z in logits], np.int64)
+            split = SimpleNamespace(task="sequence", labels=ts.labels, offsets=None)
+        out[name] = score(flat, split, run.label_names)
+    return out
+
+
+def metrics_table(metrics: dict) -> Table:
+    table = Table(title="metrics")
+    table.add_column("head")
+    keys = sorted({k for m in metrics.values() for k, v in m.items() if isinstance(v, float)})
+    for k in keys:
+        table.add_column(k, justify="right")
+    for name, m in metrics.items():
+        table.add_row(escape(name), *[f"{m[k]:.4f}" if k in m else "" for k in keys])
+    return table
+
+
+def run_predict(cfg: PredictConfig, console: Console | None = None) -> dict:
+    """Predict, write the JSONL (and metrics), print metrics and throughput; -> a summary dict."""
+    console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+    t0 = time.perf_counter()
+    p = Predictor(cfg.runs, device=cfg.device, batch_size=cfg.batch_size)
+    inputs = gather(cfg, p.manifest)
+    if inputs.skipped:
+        console.print(f"skipped {inputs.skipped} empty input{'s' if inputs.skipped != 1 else ''}")
+    if not inputs.items:
+        raise AdlError("no non-empty input to predict")
+    enc = p.encode(inputs.items, inputs.labels)
+    if enc.ts.truncated:
+        console.print(f"truncated {enc.ts.truncated} input(s) to max_length {p.max_length} tokens, as at extraction")
+    start = time.perf_counter()
+    with _progress(console) as bar:
+        task = bar.add_task("predict", total=len(inputs.items))
+        pred = p.forward(enc, progress=lambda n: bar.update(task, advance=n))
+    seconds = time.perf_counter() - start
+    p.decode(enc, pred)
+    out = Path(cfg.out) if cfg.out else Path("predictions.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for i, row_id in enumerate(inputs.ids):
+            row = {"id": row_id, "text": enc.texts[i], **{name: pred.heads[name][i] for name in pred.heads}}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    metrics = head_metrics(p, enc, pred, inputs)
+    result = {"out": str(out), "n": len(inputs.items), "seconds": seconds, "metrics": metrics}
+    if metrics:
+        console.print(metrics_table(metrics))
+        path = out.with_name(out.stem + ".metrics.json")
+        write_json(path, metrics)
+        result["metrics_file"] = str(path)
+    tokens = enc.ts.n_tokens
+    console.print(f"{len(inputs.items)} inputs, {len(pred.heads)} head(s): {len(inputs.items) / seconds:,.1f} inputs/s, "
+                  f"{tokens / seconds:,.0f} tokens/s ({seconds:.2f} s forward, {time.perf_counter() - t0:.1f} s total); "
+                  f"wrote {escape(str(out))}")
+    return result

@@ -1,0 +1,209 @@
+"""``Predictor``: trained heads riding on one forward pass of their frozen backbone.
+
+    p = Predictor(["runs/sentiment", "runs/ner"], device="auto")
+    out = p(["I love this phone", "Apple opens a store in Paris"], return_backbone=True)
+    out.heads["sentiment"][0]   # {"label": "positive", "probs": {...}}
+    out.heads["ner"][1]         # {"entities": [{"type": ..., "start": 0, "end": 5, "text": "Apple"}]}
+
+Inputs are tokenised, length-bucketed and padded exactly as at extraction
+(``adl.extract.tokenize``: truncation at the cache's max_length, rows sorted by decreasing
+length, batches capped by a padded-token budget), and each head sees its layers stored the
+way the cache stored them (``adl.serve.stream``). With the extraction's batch size and token
+budget (the defaults), a run's own split is batched exactly as it was extracted.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from adl.errors import AdlError
+from adl.extract import models
+from adl.extract.datasets import Split
+from adl.extract.loop import to_device
+from adl.extract.pooling import mean_pool
+from adl.extract.tokenize import TokenizedSplit, collate, make_batches, tokenize_split
+from adl.serve.decode import entities, joined_spans, sequence_prediction, token_spans
+from adl.serve.runs import Run, check_same_backbone, load_run
+from adl.serve.stream import HeadFeed, Stream
+
+
+@dataclass
+class Prediction:
+    """Per input, in input order."""
+
+    heads: dict[str, list[dict]]
+    backbone: list[dict] | None = None  # the model's own output per input: name -> tensor, padding removed
+    embeddings: list[list[float]] | None = None  # mean of the last hidden state over real tokens
+    truncated: int = 0  # inputs cut at max_length
+    logits: dict[str, list[np.ndarray]] = field(default_factory=dict)  # (C,) or (T, C) per input
+
+
+@dataclass(frozen=True, eq=False)
+class Encoded:
+    """Tokenised inputs: the extraction's TokenizedSplit plus what NER decoding needs."""
+
+    ts: TokenizedSplit
+    texts: list[str]  # the inputs as text (pre-split words joined by spaces)
+    word_ids: list[np.ndarray] | None  # per input (T,), -1 on special tokens; None: no token head
+    spans: list[dict] | None  # per input: word index -> (start, end) in texts[i]
+
+
+def _model_id(model: dict) -> str:
+    """The run's backbone: an alias is resolved again (the package folder may have moved)."""
+    name = model.get("name")
+    return models.resolve_model_id(name) if name in (*models.ALIASES, "minilm") else model["id"]
+
+
+class Predictor:
+    """Heads of one or more run folders on their shared backbone (head name = run folder name)."""
+
+    def __init__(self, runs, device: str = "auto", batch_size: int | None = None, batch_tokens: int | None = None):
+        if isinstance(runs, (str, bytes)) or not runs:
+            raise AdlError("Predictor needs a list of run folders, e.g. Predictor(['runs/sentiment'])")
+        self.runs: list[Run] = [load_run(r) for r in runs]
+        check_same_backbone(self.runs)
+        m = self.runs[0].manifest
+        self.manifest = m
+        trust = bool(m["model"].get("trust_remote_code", False))
+        model_id = _model_id(m["model"])
+        hf_config = models.load_config(model_id, trust)
+        decoder = m["model"]["states"] == "decoder" and m["model"]["family"] == "encoder-decoder"
+        info = models.describe(model_id, hf_config, decoder)
+        if info.config_hash != m["model"]["config_hash"]:
+            raise AdlError(f"the backbone at {model_id} is not the one run {self.runs[0].name} was trained on "
+                           "(its config hash differs): install or point to the same model")
+        self.plan = models.select_device(device)
+        self.backbone = models.Backbone(info, self.plan, trust)
+        self.stream = Stream(self.backbone)
+        self.feeds = {run.name: HeadFeed(run, self.plan.device) for run in self.runs}
+        self.max_length = int(m["tokenizer"]["max_length"])
+        self.batch_size = int(batch_size or m.get("batch_size") or 32)
+        per_row = (m.get("batch_tokens") or 128 * int(m.get("batch_size") or 32)) / int(m.get("batch_size") or 32)
+        self.batch_tokens = int(batch_tokens or per_row * self.batch_size)
+        self._model_id, self._trust, self._tokenizers = model_id, trust, {}
+        self._lock = threading.Lock()
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.runs]
+
+    def heads_info(self) -> list[dict]:
+        return [{"name": r.name, "task": r.task, "labels": r.label_names, "layers": r.layers,
+                 "weights": self.feeds[r.name].head.weights().detach().float().cpu().tolist(),
+                 "view": r.info["view"], "metrics": r.metrics.get("test")} for r in self.runs]
+
+    def tokenizer(self, task: str):
+        """The extraction's tokenizer for ``task`` (byte-level BPE gets a prefix space for words)."""
+        if task not in self._tokenizers:
+            self._tokenizers[task] = models.load_tokenizer(self._model_id, task, self._trust)
+        return self._tokenizers[task]
+
+    # ---- inputs -----------------------------------------------------------------------------
+
+    def encode(self, inputs: list, labels=None) -> Encoded:
+        """Strings, or pre-split word lists (a token data set's rows), tokenised as at extraction.
+        ``labels``: sequence ids (N,) or per-word tag ids, for scoring against the run's labels."""
+        if isinstance(inputs, (str, bytes)) or not isinstance(inputs, (list, tuple)):
+            raise AdlError("pass a list of texts (strings, or lists of words), not a single string")
+        words = bool(inputs) and all(isinstance(x, (list, tuple)) for x in inputs)
+        if not words and not all(isinstance(x, str) for x in inputs):
+            raise AdlError("inputs must all be strings, or all lists of words")
+        empty = [i for i, x in enumerate(inputs) if not (x if words else x.strip())]
+        if empty:
+            raise AdlError(f"input {empty[0]} is empty ({len(empty)} empty in all): drop empty texts first")
+        task = "token" if words else "sequence"
+        tok = self.tokenizer(task)
+        n = len(inputs)
+        split = Split("input", None if words else list(inputs), [list(w) for w in inputs] if words else None,
+                      labels, np.arange(n, dtype=np.int64))
+        ts = tokenize_split(split, task, tok, self.max_length, labeled=labels is not None)
+        texts, word_ids, spans = list(inputs) if not words else [], None, None
+        if any(r.task == "token" for r in self.runs):
+            if words:
+                joined = [joined_spans(list(w)) for w in inputs]
+                texts, spans = [t for t, _ in joined], [s for _, s in joined]
+                word_ids = [ts.word_ids[ts.offsets[i]:ts.offsets[i + 1]] for i in range(n)]
+            else:
+                enc = tok(list(inputs), truncation=True, max_length=self.max_length, return_offsets_mapping=True)
+                word_ids = [np.array([-1 if w is None else w for w in enc.word_ids(i)]) for i in range(n)]
+                spans = [token_spans(word_ids[i], enc["offset_mapping"][i]) for i in range(n)]
+        elif words:
+            texts = [" ".join(w) for w in inputs]
+        return Encoded(ts, texts, word_ids, spans)
+
+    # ---- the pass ---------------------------------------------------------------------------
+
+    def forward(self, enc: Encoded, heads: list[str] | None = None, *, return_backbone: bool = False,
+                return_embedding: bool = False, progress: Callable[[int], None] | None = None) -> Prediction:
+        """Run the backbone once over ``enc`` in length-bucketed batches; raw logits per head."""
+        feeds = [self.feeds[name] for name in self._pick(heads)]
+        ts, n = enc.ts, len(enc.ts)
+        logits = {f.run.name: [None] * n for f in feeds}
+        backbone = [None] * n if return_backbone else None
+        embeddings = [None] * n if return_embedding else None
+        pad = models.pad_id(self.tokenizer("token" if ts.word_ids is not None else "sequence"))
+        with self._lock, torch.inference_mode():
+            for rows in make_batches(ts.lengths, self.batch_size, self.batch_tokens):
+                ids, mask = collate(ts, rows, pad)
+                ids_t, mask_t = to_device(ids, self.plan), to_device(mask, self.plan)
+                output, last = self.stream.run(ids_t, mask_t, feeds, full=return_backbone, last=return_embedding)
+                lengths = mask.sum(1)
+                for f in feeds:
+                    out = f.finish(mask_t).float().cpu().numpy()
+                    for b, i in enumerate(rows):
+                        logits[f.run.name][i] = out[b, : lengths[b]] if out.ndim == 3 else out[b]
+                if backbone is not None:
+                    for b, i in enumerate(rows):
+                        backbone[i] = _one_example(output, b, int(lengths[b]), ids.shape)
+                if embeddings is not None:
+                    emb = mean_pool(last, mask_t).cpu().tolist()
+                    for b, i in enumerate(rows):
+                        embeddings[i] = emb[b]
+                if progress is not None:
+                    progress(len(rows))
+        return Prediction({}, backbone, embeddings, ts.truncated, logits)
+
+    def decode(self, enc: Encoded, pred: Prediction) -> Prediction:
+        """Fill ``pred.heads`` from its logits: labels with probabilities, or entity spans."""
+        for name, per_input in pred.logits.items():
+            run = self.feeds[name].run
+            if run.task == "sequence":
+                pred.heads[name] = [sequence_prediction(z, run.label_names) for z in per_input]
+            else:
+                pred.heads[name] = [{"entities": entities(z, enc.word_ids[i], enc.spans[i], enc.texts[i],
+                                                          run.label_names)} for i, z in enumerate(per_input)]
+        return pred
+
+    def __call__(self, texts: list, heads: list[str] | None = None, return_backbone: bool = False,
+                 return_embedding: bool = False, progress: Callable[[int], None] | None = None) -> Prediction:
+        enc = self.encode(texts)
+        return self.decode(enc, self.forward(enc, heads, return_backbone=return_backbone,
+                                             return_embedding=return_embedding, progress=progress))
+
+    def _pick(self, heads: list[str] | None) -> list[str]:
+        if heads is None:
+            return self.names
+        if isinstance(heads, str):
+            heads = [heads]
+        unknown = [h for h in heads if h not in self.feeds]
+        if unknown:
+            raise AdlError(f"no head named {unknown[0]!r}; this predictor has {', '.join(self.names)}")
+        return list(dict.fromkeys(heads))
+
+
+def _one_example(output, b: int, n: int, shape: tuple[int, int]) -> dict:
+    """Row b of the model's output, padding removed: (B, T, ...) -> (n, ...), (B, ...) -> (...)."""
+    out = {}
+    for key, value in output.items():
+        if not isinstance(value, torch.Tensor):
+            continue  # caches and tuples of attentions are not per-example outputs
+        if value.dim() >= 2 and tuple(value.shape[:2]) == tuple(shape):
+            out[key] = value[b, :n].cpu()
+        elif value.shape[:1] == shape[:1]:
+            out[key] = value[b].cpu()
+    return out

@@ -1,0 +1,164 @@
+"""Heads fed from the backbone's own forward pass, layer by layer.
+
+Hidden state Z_i (i < L-1) is the input of the stack's layer i, read by a forward pre-hook;
+Z_{L-1} is the stack's output (after a final norm, as in GPT-2), read by a forward hook on
+the stack. This is exactly transformers' ``output_hidden_states`` tuple, without keeping it.
+
+Each head sees what its cache stored, computed the way extraction computed it:
+
+    pooled view   z_i = pool(Z_i, mask).to(dtype).float()                      (B, H)
+    tokens view   z_i = P_i(Z_i).to(dtype).float()  (P_i: the stored projection, if any)  (B, T, D)
+
+A mixing head (adalayers on tokens, adalayers-pooled on a pooled view) adds
+w_i N(a(z_i) W_i^T) into one accumulator (B, [T,] k) and only for its layers with w_i > 0;
+the task block reads the accumulator once the last such layer is done. Other heads (probes,
+scalar mix, head2toe) keep their layers' z_i and run whole at the end (layers of weight 0
+are zeros: they never reach the output).
+
+Early exit: when the caller needs neither the backbone's output nor the last layer, the
+pre-hook of the highest layer any head needs raises ``_Stop`` once it has fed the heads.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from adl.extract.pooling import pool
+from adl.serve.runs import Run
+from adl.train.heads import AdaLayersHead, PooledHead, layer_features
+
+
+class _Stop(Exception):
+    """Every head has its layers: the rest of the forward is not needed."""
+
+
+class HeadFeed:
+    """One head's per-batch state: the accumulator (mixing heads) or the kept inputs (others)."""
+
+    def __init__(self, run: Run, device: str):
+        self.run = run
+        self.head = run.head.to(device)
+        self.view, self.task = run.info["view"], run.task
+        self.pool = run.info.get("pool")
+        self.dtype = getattr(torch, run.manifest.get("dtype", "float32"))
+        self.projection = run.projection.to(device) if run.projection is not None else None
+        weights = self.head.weights().detach().float().cpu().tolist()
+        self.layers = run.layers
+        mixing = (isinstance(self.head, AdaLayersHead) and self.view == "tokens") or \
+                 (isinstance(self.head, PooledHead) and self.view.startswith("pooled:"))
+        self.mix = self.head.mix if mixing else None
+        # absolute layer -> (position in the head's layers, weight); only layers of nonzero weight
+        self.active = {self.layers[i]: (i, w) for i, w in enumerate(weights) if w > 0}
+        self.acc: Tensor | None = None
+        self.kept: dict[int, Tensor] = {}
+
+    def start(self) -> None:
+        self.acc, self.kept = None, {}
+
+    def stored(self, layer: int, h: Tensor, mask: Tensor) -> Tensor:
+        """What the cache holds for this layer and batch, as the head reads it (float32)."""
+        if self.view.startswith("pooled:"):
+            return pool(self.pool, h, mask).to(self.dtype).float()  # (B, H)
+        if self.projection is not None:
+            h = self.projection.apply_layer(h, self.projection.layers.index(layer))
+        return h.float().to(self.dtype).float()  # (B, T, D)
+
+    def feed(self, layer: int, h: Tensor, mask: Tensor) -> None:
+        i, w = self.active[layer]
+        z = self.stored(layer, h, mask)
+        if self.mix is None:
+            self.kept[i] = z
+            return
+        row = 0 if self.mix.fixed_layer is not None else i  # a fixed-layer mix holds one projection
+        gamma = None if self.mix.gamma is None else self.mix.gamma[None, row : row + 1]
+        beta = None if self.mix.beta is None else self.mix.beta[None, row : row + 1]
+        f = layer_features(z.unsqueeze(-2), self.mix.W[row : row + 1], self.mix.k, activation=self.mix.activation,
+                           gamma=gamma, beta=beta)[0].squeeze(-2)  # (B, [T,] k)
+        self.acc = w * f if self.acc is None else self.acc + w * f
+
+    def finish(self, mask: Tensor) -> Tensor:
+        """-> logits (B, C) or (B, T, C)."""
+        bmask = mask.bool()
+        if self.mix is not None:
+            return self.head.readout(self.acc, bmask)
+        first = next(iter(self.kept.values()))
+        z = first.new_zeros(*first.shape[:-1], len(self.layers), first.shape[-1])  # (B, [T,] L, D)
+        for i, zi in self.kept.items():
+            z[..., i, :] = zi
+        return self.head(z, bmask if z.dim() == 4 else None)
+
+
+def find_layers(stack: nn.Module, n_layers: int) -> nn.ModuleList:
+    """The stack's list of transformer layers: its first ModuleList of ``n_layers`` modules."""
+    for module in stack.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise RuntimeError(f"{type(stack).__name__} has no list of {n_layers} layers to attach heads to")
+
+
+class Stream:
+    """The backbone with heads attached: ``run(ids, mask, feeds, ...)`` is one forward pass."""
+
+    def __init__(self, backbone):
+        self.backbone = backbone
+        info, model = backbone.info, backbone.model
+        if info.family == "encoder-decoder":
+            self.stack = model.get_encoder() if info.states == "encoder" else model.get_decoder()
+        else:
+            self.stack = model
+        self.L = info.num_hidden_states
+        self.layers = find_layers(self.stack, self.L - 1)
+
+    def run(self, ids: Tensor, mask: Tensor, feeds: list[HeadFeed], *, full: bool, last: bool):
+        """One batch. full: run the model's own forward and return its output (else None);
+        last: the stack's last hidden state is needed (returned). -> (model output, last state)."""
+        need: dict[int, list[HeadFeed]] = {}
+        for feed in feeds:
+            feed.start()
+            for layer in feed.active:
+                need.setdefault(layer, []).append(feed)
+        top = max(need, default=-1)
+        stop_at = top if not (full or last) and top < self.L - 1 else None
+        got: dict[str, Tensor] = {}
+
+        def deliver(layer: int, h: Tensor) -> None:
+            for feed in need.get(layer, ()):
+                feed.feed(layer, h, mask)
+            if layer == stop_at:
+                raise _Stop
+
+        def pre_hook(layer):
+            def hook(module, args, kwargs):
+                deliver(layer, args[0] if args else kwargs["hidden_states"])
+            return hook
+
+        def out_hook(module, args, output):
+            got["last"] = output[0]
+            if self.L - 1 in need:
+                deliver(self.L - 1, output[0])
+
+        hooks = [self.layers[i].register_forward_pre_hook(pre_hook(i), with_kwargs=True)
+                 for i in sorted(need) if i < self.L - 1]
+        hooks.append(self.stack.register_forward_hook(out_hook))
+        output = None
+        try:
+            with self.backbone.plan.autocast_context():
+                output = self._forward(ids, mask, full)
+        except _Stop:
+            pass
+        finally:
+            for h in hooks:
+                h.remove()
+        return (output if full else None), got.get("last")
+
+    def _forward(self, ids: Tensor, mask: Tensor, full: bool):
+        """The same call as extraction (``Backbone.hidden_states``) without ``output_hidden_states``;
+        encoder states of an encoder-decoder run the encoder alone unless the model's output is wanted."""
+        bb = self.backbone
+        if bb.info.family == "encoder-decoder" and bb.info.states == "decoder":
+            return bb.model(input_ids=ids, attention_mask=mask, decoder_input_ids=bb.shift_right(ids),
+                            decoder_attention_mask=mask)
+        if bb.info.family == "encoder-decoder" and not full:
+            return self.stack(input_ids=ids, attention_mask=mask)
+        return bb.model(input_ids=ids, attention_mask=mask)

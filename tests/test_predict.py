@@ -1,0 +1,187 @@
+"""The live path (Predictor) against the cache path, on tiny backbones of every family: the
+same logits per example, the run's own test metrics, the backbone's output unchanged bit for
+bit, early exit, and one-line errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from tiny_backbones import bart_folder, bert_folder, gpt2_folder, roberta_folder, write_conll, write_csv
+
+from adl.cache import open_cache
+from adl.errors import AdlError
+from adl.extract.config import ExtractConfig
+from adl.extract.datasets import reload_dataset
+from adl.extract.run import run_extract
+from adl.extract.tokenize import collate, make_batches
+from adl.serve import Predictor
+from adl.train.config import TrainConfig
+from adl.train.data import load_data
+from adl.train.run import run_train
+
+FAST = dict(k=8, heads=2, ff=16, lr=0.01, alpha=10.0, max_epochs=2)
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    return {"root": root, "bert": bert_folder(root / "bert"), "roberta": roberta_folder(root / "roberta"),
+            "bart": bart_folder(root / "bart"), "gpt2": gpt2_folder(root / "gpt2"),
+            "csv": f"csv:{write_csv(root / 'd.csv')}", "conll": f"conll:{write_conll(root / 'd.conll')}"}
+
+
+def make_run(assets, tmp, name, data="csv", head=None, extract=None, label=None, **train):
+    cache, run = tmp / f"cache-{label or name}", tmp / (label or name)
+    run_extract(ExtractConfig(model=str(assets[name]), dataset=assets[data], out=str(cache), batch_size=8,
+                              progress=False, **(extract or {})))
+    run_train(TrainConfig(cache=str(cache), out=str(run), head=head, device="cpu", **{**FAST, **train}))
+    return cache, run
+
+
+def cache_logits(cache_dir, run, split="test"):
+    """id -> logits of the head applied to the cache (the training path)."""
+    from adl.train.head_io import load_head
+
+    head, info = load_head(run)
+    cache = open_cache(cache_dir)
+    part = getattr(load_data(cache, info["view"], device="cpu", seed=0, memory_gb=1.0), split)
+    ids, out = cache.ids(split), {}
+    with torch.no_grad():
+        for b in part.batches(8):
+            z = head(b.z, b.mask)
+            for j, row in enumerate(b.index):
+                n = int(b.mask[j].sum()) if b.mask is not None else None
+                out[int(ids[row])] = (z[j, :n] if z.dim() == 3 else z[j]).numpy()
+    return out
+
+
+def live_logits(p, run, split="test"):
+    """id -> logits of the Predictor on the run's own split (re-read from the recorded spec)."""
+    ds = reload_dataset(p.manifest["dataset"]["spec"])
+    s = ds.splits[split]
+    enc = p.encode(list(s.texts if s.texts is not None else s.words))
+    pred = p.forward(enc)
+    return dict(zip(s.ids.tolist(), pred.logits[run.name])), ds
+
+
+CASES = [  # name, data, extract options, train options
+    ("bert", "csv", dict(views="tokens"), {}),
+    ("bert", "csv", dict(views="pooled"), {}),
+    ("bert", "csv", dict(views="tokens", project=4), {}),
+    ("bert", "csv", dict(views="pooled", dtype="float32"), dict(head="last-layer")),
+    ("roberta", "conll", {}, {}),
+    ("roberta", "conll", dict(project=4, project_method="random"), {}),
+    ("bart", "csv", dict(views="pooled,tokens"), {}),
+    ("bart", "csv", dict(views="tokens", decoder=True), {}),
+    ("gpt2", "csv", dict(views="pooled"), {}),
+    ("gpt2", "csv", dict(views="tokens"), dict(head="single-layer", layer=1)),
+]
+
+
+@pytest.mark.parametrize("name, data, extract, train", CASES)
+def test_live_logits_equal_the_cache_path_and_metrics_match(assets, tmp_path, name, data, extract, train):
+    cache, run = make_run(assets, tmp_path, name, data, extract=extract, **train)
+    p = Predictor([run], device="cpu")
+    live, _ = live_logits(p, p.runs[0])
+    ref = cache_logits(cache, run)
+    assert set(live) == set(ref)
+    for i in ref:
+        np.testing.assert_allclose(live[i], ref[i], **TOL)
+    # the CLI path scores the same split with the trainer's score: the run's own test metrics
+    from adl.serve.predict import PredictConfig, run_predict
+
+    res = run_predict(PredictConfig(runs=[str(run)], split="test", out=str(tmp_path / "p.jsonl")))
+    reported = json.loads((run / "metrics.json").read_text())["test"]
+    got = res["metrics"][run.name]
+    for k, v in reported.items():
+        if isinstance(v, float):
+            assert abs(got[k] - v) <= 1e-4, (k, got[k], v)
+
+
+def test_backbone_output_is_unchanged_bit_for_bit(assets, tmp_path):
+    _, run = make_run(assets, tmp_path, "bert", extract=dict(views="pooled,tokens"))
+    p = Predictor([run], device="cpu", batch_size=64)
+    texts = ["good movie", "the cat sat on the mat very not good", "bad plot"]
+    out = p(texts, return_backbone=True, return_embedding=True)
+    enc = p.encode(texts)
+    (rows,) = make_batches(enc.ts.lengths, 64)
+    ids, mask = collate(enc.ts, rows, 0)
+    with torch.inference_mode():
+        direct = p.backbone.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    for b, i in enumerate(rows):
+        n = int(mask[b].sum())
+        assert torch.equal(out.backbone[i]["last_hidden_state"], direct.last_hidden_state[b, :n])
+        assert torch.equal(out.backbone[i]["pooler_output"], direct.pooler_output[b])
+        np.testing.assert_allclose(out.embeddings[i], direct.last_hidden_state[b, :n].mean(0).numpy(), rtol=1e-5,
+                                   atol=1e-6)
+    assert set(out.heads[run.name][0]) == {"label", "probs"}
+    assert abs(sum(out.heads[run.name][0]["probs"].values()) - 1) < 1e-6
+
+
+def test_early_exit_skips_the_layers_no_head_needs(assets, tmp_path):
+    _, run = make_run(assets, tmp_path, "bert", extract=dict(views="tokens", layers="0,1"))
+    p = Predictor([run], device="cpu")
+    calls = []
+    hook = p.stream.layers[1].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        texts = ["good movie", "john sat in paris"]
+        short = p(texts)
+        assert calls == []  # layer 1 (the last encoder layer) never ran
+        full = p(texts, return_backbone=True)
+        assert calls == [1]
+    finally:
+        hook.remove()
+    for a, b in zip(short.logits[run.name], full.logits[run.name]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ner_entities_carry_character_offsets(assets, tmp_path):
+    _, run = make_run(assets, tmp_path, "bert", data="conll", label="ner", max_epochs=1)
+    _, seq = make_run(assets, tmp_path, "bert", extract=dict(views="pooled"), label="sentiment")
+    p = Predictor([run, seq], device="cpu")
+    assert p.names == [run.name, seq.name] and [h["task"] for h in p.heads_info()] == ["token", "sequence"]
+    assert set(p.heads_info()[0]) >= {"name", "task", "labels", "layers", "weights", "metrics"}
+    text = "john sat on the mat in london"
+    out = p([text], heads=[run.name])
+    assert list(out.heads) == [run.name]
+    for e in out.heads[run.name][0]["entities"]:
+        assert e["text"] == text[e["start"]:e["end"]] and e["type"] in {"loc", "per", "org"}
+    from adl.serve.decode import entities, joined_spans
+
+    words = ["john", "met", "mary", "smith", "in", "paris"]
+    joined, spans = joined_spans(words)
+    names = ["O", "B-per", "I-per", "B-loc"]
+    tags = [1, 0, 1, 2, 0, 3]
+    logits = np.eye(4)[[0, *tags, 0]]  # [CLS] words [SEP]
+    word_ids = np.array([-1, 0, 1, 2, 3, 4, 5, -1])
+    assert entities(logits, word_ids, spans, joined, names) == [
+        {"type": "per", "start": 0, "end": 4, "text": "john"},
+        {"type": "per", "start": 9, "end": 19, "text": "mary smith"},
+        {"type": "loc", "start": 23, "end": 28, "text": "paris"}]
+
+
+def test_user_mistakes_are_one_line_errors(assets, tmp_path):
+    _, bert = make_run(assets, tmp_path / "a", "bert", extract=dict(views="pooled"))
+    _, gpt = make_run(assets, tmp_path / "b", "gpt2", extract=dict(views="pooled"))
+    with pytest.raises(AdlError, match="differ in model id"):
+        Predictor([bert, gpt], device="cpu")
+    p = Predictor([bert], device="cpu")
+    with pytest.raises(AdlError, match="input 1 is empty"):
+        p(["good", "  "])
+    with pytest.raises(AdlError, match="list of texts"):
+        p("good")
+    with pytest.raises(AdlError, match="no head named"):
+        p(["good"], heads=["nope"])
+    broken = tmp_path / "broken"
+    shutil.copytree(bert, broken)
+    (broken / "cache_manifest.json").unlink()
+    with pytest.raises(AdlError, match="incomplete .*cache_manifest.json"):
+        Predictor([broken])
+    info = json.loads((bert / "head.json").read_text())
+    (broken / "cache_manifest.json").write_text((bert / "cache_manifest.json").read_text())
+    (broken / "head.json").write_text(json.dumps({**info, "adl_version": "99.0"}))
+    with pytest.raises(AdlError, match="newer adl"):
+        Predictor([broken])
