@@ -96,6 +96,9 @@ class ZarrBackend:
     def reserve(self, nbytes: int) -> None:  # zarr fails cleanly on a full disk
         pass
 
+    def trim(self) -> None:
+        pass
+
     def sync(self, everything: bool = False) -> None:
         paths = [p for p in self.path.rglob("*") if p.is_file()] if everything else sorted(self._touched)
         dirs = set()
@@ -116,8 +119,8 @@ class HDF5Backend:
         import h5py
 
         self.path = Path(path)
-        h5_mode = {"w": "w", "a": "a", "r": "r"}[mode]
-        self.file = h5py.File(path, h5_mode, libver=("earliest", "v108"))
+        self._open = lambda m: h5py.File(path, m, libver=("earliest", "v108"))
+        self.file = self._open(mode)
 
     def create(self, name: str, shape: tuple, dtype: str, chunks: tuple) -> None:
         if name in self.file:
@@ -155,6 +158,13 @@ class HDF5Backend:
             os.posix_fallocate(fd, 0, nbytes)
         finally:
             os.close(fd)
+
+    def trim(self) -> None:
+        """Give the unused reserve back: HDF5 cuts a file it opened larger than its end of
+        allocation to that end when it closes it."""
+        self.file.close()
+        self._open("a").close()
+        self.file = self._open("a")
 
     def sync(self, everything: bool = False) -> None:
         self.file.flush()

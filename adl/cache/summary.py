@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Group
+from rich.markup import escape
 from rich.table import Table
 
 from adl.cache.reader import Cache
@@ -44,9 +45,9 @@ def summary(cache: Cache) -> Group:
         ("created", f"{m.get('created', '?')} by adl {m.get('adl_version', '?')}, "
                     f"{m.get('extraction_seconds', '?')} s"),
     ]
-    for key, value in rows:
-        about.add_row(f"[bold]{key}[/]", value)
-    table = Table(title=str(cache.root), title_justify="left")
+    for key, value in rows:  # values hold user strings (labels, names, paths): never markup
+        about.add_row(f"[bold]{key}[/]", escape(value))
+    table = Table(title=escape(str(cache.root)), title_justify="left")
     for col in ("split", "examples", "labeled", "view", "shape", "on disk"):
         table.add_column(col, justify="right" if col in ("examples", "on disk") else "left")
     total = 0
@@ -57,7 +58,7 @@ def summary(cache: Cache) -> Group:
             size = cache.nbytes(split, view)
             total += size
             first = i == 0
-            table.add_row(split if first else "", str(s["n"]) if first else "",
+            table.add_row(escape(split) if first else "", str(s["n"]) if first else "",
                           ("yes" if s.get("labeled") else "no") if first else "", view,
                           " x ".join(map(str, view_shape(cache, split, view))), human(size))
     table.add_row("", "", "", "", "[bold]total[/]", f"[bold]{human(total)}[/]")

@@ -169,6 +169,7 @@ class ShardWriter:
     def finish(self, rows: dict[str, int]) -> None:
         """Check every chunk is on disk, then record per array its rows and chunk checksums."""
         self.store.sync()
+        self.store.trim()
         lost = [f"{name}: {p}" for name in self.names
                 for p in self.store.missing_chunks(name, int(self.store.array(name).shape[0]))]
         if lost:
