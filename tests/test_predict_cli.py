@@ -1,0 +1,78 @@
+"""`adl predict` end to end through the real typer app on tiny BERT runs."""
+
+import json
+
+import pytest
+from tiny_backbones import bert_folder, write_conll, write_csv
+from typer.testing import CliRunner
+
+from adl.cli import app
+from adl.extract.config import ExtractConfig
+from adl.extract.run import run_extract
+from adl.train.config import TrainConfig
+from adl.train.run import run_train
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict-cli")
+    bert = bert_folder(root / "bert")
+    out = {}
+    for name, data in (("sentiment", f"csv:{write_csv(root / 'd.csv')}"), ("ner", f"conll:{write_conll(root / 'd.conll')}")):
+        run_extract(ExtractConfig(model=str(bert), dataset=data, out=str(root / f"c-{name}"), batch_size=8,
+                                  progress=False))
+        run_train(TrainConfig(cache=str(root / f"c-{name}"), out=str(root / name), k=8, heads=2, ff=16, lr=0.01,
+                              alpha=10.0, max_epochs=2, device="cpu"))
+        out[name] = root / name
+    return out
+
+
+def invoke(*args):
+    return runner.invoke(app, ["predict", *[str(a) for a in args]])
+
+
+def test_split_reproduces_the_runs_test_metrics(runs, tmp_path):
+    out = tmp_path / "preds.jsonl"
+    res = invoke("--run", runs["sentiment"], "--split", "test", "--out", out)
+    assert res.exit_code == 0, res.output
+    reported = json.loads((runs["sentiment"] / "metrics.json").read_text())["test"]
+    written = json.loads((tmp_path / "preds.metrics.json").read_text())["sentiment"]
+    assert set(written) == set(reported) and abs(written["accuracy"] - reported["accuracy"]) <= 1e-4
+    assert f"{reported['accuracy']:.4f}" in res.output and "inputs/s" in res.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6 and list(rows[0]) == ["id", "text", "sentiment"] and "label" in rows[0]["sentiment"]
+
+
+def test_two_heads_in_one_pass_on_texts_and_files(runs, tmp_path):
+    res = invoke("--run", runs["sentiment"], "--run", runs["ner"], "--text", "john sat in london", "--text", " ",
+                 "--out", tmp_path / "t.jsonl")
+    assert res.exit_code == 0, res.output
+    assert "skipped 1 empty input" in res.output
+    (row,) = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert set(row) == {"id", "text", "sentiment", "ner"} and "entities" in row["ner"]
+    txt = tmp_path / "in.txt"
+    txt.write_text("good movie\n\nbad plot\n")
+    res = invoke("--run", runs["sentiment"], "--file", txt, "--out", tmp_path / "f.jsonl")
+    assert res.exit_code == 0 and "skipped 1 empty input" in res.output
+    assert [json.loads(x)["id"] for x in (tmp_path / "f.jsonl").read_text().splitlines()] == [0, 2]
+    csv = tmp_path / "in.csv"
+    csv.write_text("body,other\ngood movie,1\n")
+    res = invoke("--run", runs["sentiment"], "--file", csv, "--text-column", "body", "--out", tmp_path / "c.jsonl")
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("make, args, message", [
+    (lambda d: d.joinpath("bad.txt").write_bytes(b"caf\xe9\n"), ("--file", "{d}/bad.txt"), "not UTF-8"),
+    (lambda d: d.joinpath("x.csv").write_text("a,b\n1,2\n"), ("--file", "{d}/x.csv", "--text-column", "text"),
+     "column 'text' not found"),
+    (lambda d: None, ("--text", "a", "--split", "test"), "exactly one input"),
+    (lambda d: d.joinpath("empty-run").mkdir(), ("--text", "a"), "incomplete"),
+])
+def test_bad_input_is_one_line_exit_2(runs, tmp_path, make, args, message):
+    make(tmp_path)
+    run = tmp_path / "empty-run" if message == "incomplete" else runs["sentiment"]
+    res = invoke("--run", run, *[a.format(d=tmp_path) for a in args])
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert len(res.output.strip().splitlines()) <= 2  # one line (rich may wrap it)
