@@ -246,6 +246,11 @@ def main() -> None:
             cache_vs_backbone(open_cache(path), "tokens", folder, args.large_limit, args.epochs))
     out = Path(__file__).parent / "results" / "sweep.json"
     out.parent.mkdir(exist_ok=True)
+    if out.is_file():  # parts skipped in this run keep their last measured rows
+        earlier = json.loads(out.read_text())
+        for part, key in (("1", "vectorised_vs_sequential"), ("2", "cache_vs_backbone"), ("3", "cache_vs_large_backbone")):
+            if part in skip and earlier.get(key):
+                results[key] = earlier[key]
     out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     print(f"written {out}")
 

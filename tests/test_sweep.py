@@ -159,28 +159,36 @@ def _trials(out, name=None):
     return study.get_trials()
 
 
-def test_resume_after_a_killed_sweep_keeps_finished_trials(caches, tmp_path, monkeypatch):
-    out = tmp_path / "s"
-    cfg = sweep_cfg(caches["seq"], out, {"alpha": "1,8", "k": "4,8", "cutoff": "0,0.1"}, group_size=4)
+@pytest.fixture
+def fast_heartbeat(monkeypatch):
+    monkeypatch.setattr("adl.sweep.study.HEARTBEAT_S", 0.1)
+    monkeypatch.setattr("adl.sweep.study.GRACE_S", 3.0)
+
+
+def _killed_in_second_group(monkeypatch):
+    """Worker.run dies in its second call like kill -9: no cleanup, no release, the heartbeat stops."""
     real_run, calls = sweep_run.Worker.run, []
 
-    def dies_in_second_group(self, jobs):  # like kill -9: no cleanup, trials stay RUNNING
+    def dies(self, jobs):
         calls.append(len(jobs))
         if len(calls) == 2:
             raise SystemExit("killed")
         real_run(self, jobs)
 
-    monkeypatch.setattr(sweep_run.Worker, "run", dies_in_second_group)
+    monkeypatch.setattr(sweep_run.Worker, "run", dies)
     monkeypatch.setattr(SweepStudy, "release", lambda self, trials: None)
-    monkeypatch.setattr("adl.sweep.study.worker_id", lambda: "nohost-but-here:1:1")
-    monkeypatch.setattr("adl.sweep.study.worker_gone", lambda w: w == "nohost-but-here:1:1")
-    with pytest.raises(SystemExit):
-        sweep_run.run_sweep(cfg)
+
+
+def test_resume_after_a_killed_sweep_keeps_finished_trials(caches, tmp_path, monkeypatch, fast_heartbeat):
+    out = tmp_path / "s"
+    cfg = sweep_cfg(caches["seq"], out, {"alpha": "1,8", "k": "4,8", "cutoff": "0,0.1"}, group_size=4)
+    with monkeypatch.context() as m:
+        _killed_in_second_group(m)
+        with pytest.raises(SystemExit):
+            sweep_run.run_sweep(cfg)
     first = {t.number: t.user_attrs["adl_result"] for t in _trials(out) if t.state.name == "COMPLETE"}
     assert len(first) == 4 and sum(t.state.name == "RUNNING" for t in _trials(out)) == 4
-    monkeypatch.undo()
-    monkeypatch.setattr("adl.sweep.study.worker_gone", lambda w: w == "nohost-but-here:1:1")
-    result = sweep_run.run_sweep(cfg)
+    result = sweep_run.run_sweep(cfg)  # waits for the 4 silent trials to go stale, then reruns them
     trials = _trials(out)
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert result["ran"] == 4 and len(complete) == 8  # the 4 killed points rerun, nothing else
@@ -190,6 +198,43 @@ def test_resume_after_a_killed_sweep_keeps_finished_trials(caches, tmp_path, mon
     assert sweep_run.run_sweep(cfg)["ran"] == 0  # a finished sweep reruns nothing
     with open(out / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 8
+
+
+def test_a_trial_killed_between_ask_and_tag_is_requeued(caches, tmp_path, monkeypatch, fast_heartbeat):
+    out = tmp_path / "s"
+    cfg = sweep_cfg(caches["seq"], out, {"alpha": "1,8", "k": "4,8"}, group_size=2)
+    with monkeypatch.context() as m:
+        m.setattr(SweepStudy, "_tag", lambda self, trial, idx: (_ for _ in ()).throw(SystemExit("killed")))
+        m.setattr(SweepStudy, "release", lambda self, trials: None)
+        with pytest.raises(SystemExit):
+            sweep_run.run_sweep(cfg)
+    assert [t.state.name for t in _trials(out)] == ["RUNNING"] and "adl_worker" not in _trials(out)[0].user_attrs
+    assert sweep_run.run_sweep(cfg)["ran"] == 4
+    complete = [t for t in _trials(out) if t.state.name == "COMPLETE"]
+    assert sorted(t.user_attrs["adl_point"] for t in complete) == [0, 1, 2, 3]
+    space = SweepSpace(cfg)
+    assert all(t.params == space.points[t.user_attrs["adl_point"]] for t in complete)  # values match the point
+
+
+def test_a_live_worker_is_not_failed_and_a_stale_owner_carries_on(caches, tmp_path, monkeypatch, fast_heartbeat):
+    """Another worker's beating trial is left alone; a worker whose trial was failed as stale
+    meanwhile drops its result with one line and finishes the sweep."""
+    out = tmp_path / "s"
+    cfg = sweep_cfg(caches["seq"], out, {"alpha": "1,8"}, group_size=1)
+    real_run, seen = sweep_run.Worker.run, []
+
+    def peer_fails_my_trial(self, jobs):  # as if a peer judged this worker dead during the group
+        real_run(self, jobs)
+        if not seen:
+            seen.append(jobs[0].trial.number)
+            study = optuna.load_study(study_name=out.name, storage=f"sqlite:///{out / 'study.db'}")
+            study.tell(jobs[0].trial.number, state=optuna.trial.TrialState.FAIL)
+
+    monkeypatch.setattr(sweep_run.Worker, "run", peer_fails_my_trial)
+    result = sweep_run.run_sweep(cfg)
+    states = {t.number: t.state.name for t in _trials(out)}
+    assert states[seen[0]] == "FAIL" and result["ran"] == 2
+    assert list(states.values()).count("COMPLETE") == 1  # the stale owner's result was dropped
 
 
 def test_ctrl_c_requeues_the_running_trials_at_once(caches, tmp_path, monkeypatch):

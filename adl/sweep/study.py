@@ -24,12 +24,27 @@ TPE search. Each worker asks while finished + running trials < ``--trials``, a b
 time (TPE with ``constant_liar`` so running trials repel new ones); concurrent workers may
 overshoot the count by up to a batch each.
 
-Resume. A worker tags each trial it claims with ``adl_worker`` = host:pid:start-time. On start,
-RUNNING trials tagged with this host whose process is gone (or whose pid now belongs to
-another process) are marked FAIL and their points re-queued (grid) or simply replaced by new
-trials (TPE). Ctrl-C re-queues a worker's own unfinished trials at once. Trials left RUNNING by
-a worker killed on *another* machine are not touched: rerun any worker on that machine.
-COMPLETE trials are never rerun.
+Resume. Dead workers are found by heartbeats, during the sweep and not only at its start:
+before every claim a worker fails the stale RUNNING trials of others and re-queues them
+(Optuna's ``RetryHeartbeatStaleTrialCallback``, one copy of the trial with its parameters and
+grid point, as WAITING; it is also what Ctrl-C uses for a worker's own trials).
+
+- RDB storages (SQLite, PostgreSQL, ...): Optuna's own heartbeat. The storage is opened with
+  ``heartbeat_interval``/``grace_period``; a thread of the worker records a heartbeat
+  (``record_heartbeat``) for every trial it holds, and ``optuna.storages.fail_stale_trials``
+  fails those silent for longer than the grace period and calls the callback.
+- The journal storage: Optuna 5.0 has no heartbeat for it, so the same thread stamps a user
+  attribute ``adl_heartbeat`` (wall-clock seconds) through the storage, and a RUNNING trial whose
+  stamp is older than the grace period is failed and re-queued the same way.
+- The ask/tag window: a worker beats a trial before it tags it (``adl_worker``). A RUNNING
+  trial that is untagged and older than the grace period was asked by a worker killed in that
+  window: it is failed and re-queued too (its grid point follows from its number, its queued
+  attributes, or the trial it retries).
+
+Identity is the heartbeat, not host name or pid, so containers sharing a host name do not
+fail each other's live trials. A worker that was only slow (silent longer than the grace
+period) finds its trial finished when it reports: it says so in one line, drops that result
+(the re-queued copy counts) and carries on. COMPLETE trials are never rerun.
 """
 
 from __future__ import annotations
@@ -37,17 +52,28 @@ from __future__ import annotations
 import os
 import re
 import socket
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.samplers import BaseSampler
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from adl.errors import AdlError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+HEARTBEAT_S = 10  # a worker's heartbeat period for the trials it holds
+GRACE_S = 60  # a RUNNING trial silent (or untagged) for longer is stale: failed and re-queued
+RETRY = RetryHeartbeatStaleTrialCallback(max_retry=None)  # re-queues a failed trial as WAITING
+# heartbeats with ask/tell (not Study.optimize) are what this module is built on: quiet Optuna's notes on it
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module="optuna")
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module=__name__)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
 # ---- storage ---------------------------------------------------------------------------------
@@ -77,13 +103,17 @@ def open_storage(url: str):
         return _sqlite(url)
     for attempt in range(3):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **_heartbeat())
         except Exception as e:  # SQLAlchemy/driver errors differ by backend; all mean "cannot use this URL"
             error = e
             if type(e).__name__ != "IntegrityError" and "already exists" not in str(e):
                 break
             time.sleep(0.5 + attempt)  # two workers created the tables of a new database at once
     raise _unusable(url, error)
+
+
+def _heartbeat() -> dict:
+    return {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S, "heartbeat_stale_trial_callback": RETRY}
 
 
 def _unusable(url: str, error: Exception) -> AdlError:
@@ -107,7 +137,8 @@ def _sqlite(url: str):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
-            storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
+            storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}},
+                                                 **_heartbeat())
     except Exception as e:  # noqa: BLE001
         raise _unusable(url, e) from None
     engine = storage.engine
@@ -135,37 +166,47 @@ def _with_driver(url: str) -> str:
     return url
 
 
-# ---- the worker's identity (for resume) ----------------------------------------------------
+# ---- the worker's identity and heartbeat ------------------------------------------------
 
-def _start_ticks(pid: int) -> str:
-    """The process start time in clock ticks since boot (Linux), '' where unknown."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
+def worker_id() -> str:
+    """host:pid, recorded on the trials a worker holds (for people reading the study; resume
+    relies on heartbeats, not on this)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def worker_id(pid: int | None = None) -> str:
-    pid = os.getpid() if pid is None else pid
-    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}"
+class Heartbeat:
+    """A daemon thread beating, every HEARTBEAT_S, for the trials (by number) in ``held``."""
 
+    def __init__(self, study: "SweepStudy"):
+        self.study, self.held, self._stop = study, set(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="adl-heartbeat", daemon=True)
+        self._thread.start()
 
-def worker_gone(worker: str) -> bool:
-    """True when ``worker`` (host:pid:ticks) ran on this host and that process no longer exists."""
-    host, _, rest = worker.partition(":")
-    pid, _, ticks = rest.partition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass  # exists, owned by someone else
-    return bool(ticks) and _start_ticks(int(pid)) not in ("", ticks)  # pid reused by another process
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            for number in list(self.held):
+                try:
+                    self.study.beat(number)
+                except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+                    self.held.discard(number)  # finished (by us, or failed as stale by a peer)
+                except Exception:  # noqa: BLE001  (a storage hiccup: the next beat retries)
+                    pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 # ---- the grid sampler ----------------------------------------------------------------------
+
+def grid_point(trial) -> int:
+    """A trial's grid point: the one it was queued with (``adl_point``), else that of the trial it
+    retries (a copy of a trial killed before it was tagged), else its number."""
+    if "adl_point" in trial.user_attrs:
+        return trial.user_attrs["adl_point"]
+    retried = RETRY.retried_trial_number(trial)
+    return trial.number if retried is None else retried
+
 
 class OrderedGridSampler(BaseSampler):
     """Trial number i gets grid point i (for i < n); queued trials carry fixed parameters."""
@@ -180,8 +221,9 @@ class OrderedGridSampler(BaseSampler):
         return {}
 
     def sample_independent(self, study, trial, name, distribution):
-        if trial.number < len(self.points):
-            return self.points[trial.number][name]
+        idx = grid_point(trial)
+        if idx < len(self.points):
+            return self.points[idx][name]
         return distribution.choices[0] if isinstance(distribution, CategoricalDistribution) else distribution.low
 
 
@@ -200,7 +242,10 @@ class SweepStudy:
             raise AdlError(f"cannot create study {name!r} in {safe_url(storage_url)}: {e}") from None
         self._check(meta)
         self.worker = worker_id()
+        self.study_id = self.storage.get_study_id_from_name(self.study.study_name)
+        self.rdb = isinstance(self.storage, optuna.storages.RDBStorage)
         self._carry = None  # a claimed trial of another shape, first in the next batch
+        self.heartbeat = Heartbeat(self)
 
     def _check(self, meta: dict) -> None:
         old = self.study.user_attrs.get("adl")
@@ -216,35 +261,63 @@ class SweepStudy:
             raise AdlError(f"{where} was started by a different sweep (other hyperparameters or values); "
                            "rerun that sweep's exact command, or use a new --out (or --study)")
 
-    # -- resume ----------------------------------------------------------------------------
-    def recover(self) -> int:
-        """Mark trials of dead local workers FAIL and re-queue their grid points; returns how many."""
-        n = 0
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            worker = t.user_attrs.get("adl_worker")
-            if worker and worker != self.worker and worker_gone(worker):
-                n += self._fail_and_requeue(t, "worker gone")
-        return n
+    # -- heartbeat and resume -------------------------------------------------------------
+    def _trial_id(self, number: int) -> int:
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
 
-    def _fail_and_requeue(self, t, why: str) -> int:
+    def beat(self, number: int) -> None:
+        """One heartbeat of trial ``number`` (see the module docstring)."""
+        if self.rdb:
+            self.storage.record_heartbeat(self._trial_id(number))
+        else:
+            self.storage.set_trial_user_attr(self._trial_id(number), "adl_heartbeat", time.time())
+
+    def recover(self) -> int:
+        """Fail the stale RUNNING trials of other workers and re-queue them; returns how many."""
+        before = self._waiting()
+        if self.rdb:
+            optuna.storages.fail_stale_trials(self.study)  # Optuna's heartbeat; RETRY re-queues
+        now = time.time()
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.number in self.heartbeat.held or t.datetime_start is None:
+                continue
+            last = t.user_attrs.get("adl_heartbeat", t.datetime_start.timestamp())
+            untagged = "adl_worker" not in t.user_attrs  # killed between ask and tag
+            if now - (t.datetime_start.timestamp() if untagged else last) > GRACE_S and (untagged or not self.rdb):
+                self._fail_and_requeue(t, "stale: no heartbeat")
+        return max(0, self._waiting() - before)
+
+    def _waiting(self) -> int:
+        return len(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+    def _fail_and_requeue(self, frozen, why: str) -> None:
         try:
-            self.storage.set_trial_user_attr(t._trial_id, "adl_released", why)
-            self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
-            return 0  # another worker got there first
-        point = t.user_attrs.get("adl_point")
-        if self.space.search == "grid" and point is not None:
-            self.study.enqueue_trial(self.space.points[point], user_attrs={"adl_point": point})
-        return 1
+            self.storage.set_trial_user_attr(self._trial_id(frozen.number), "adl_released", why)
+            self.study.tell(frozen.number, state=TrialState.FAIL)
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):
+            return  # finished meanwhile, or another worker got there first
+        RETRY(self.study, frozen)  # the copy taken before the release note
 
     def release(self, trials: list) -> None:
         """Give back claimed, unfinished trials (Ctrl-C, an error): FAIL + re-queue their points."""
         if self._carry is not None:
             trials, self._carry = list(trials) + [self._carry], None
         for trial in trials:
-            frozen = self.storage.get_trial(trial._trial_id)
+            self.heartbeat.held.discard(trial.number)
+            frozen = self.storage.get_trial(self._trial_id(trial.number))
             if frozen.state == TrialState.RUNNING:
                 self._fail_and_requeue(frozen, "worker interrupted")
+
+    def running_elsewhere(self) -> int:
+        """RUNNING trials this worker does not hold (other workers', live or not yet stale)."""
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return sum(t.number not in self.heartbeat.held for t in running)
+
+    def wait(self) -> None:
+        time.sleep(HEARTBEAT_S)
+
+    def close(self) -> None:
+        self.heartbeat.stop()
 
     # -- claiming ----------------------------------------------------------------------------
     def claim(self, max_n: int) -> list:
@@ -258,10 +331,11 @@ class SweepStudy:
         if not out and not self._grid_left(len(points)):
             return []
         while len(out) < max_n:
-            trial = self.study.ask()
-            idx = trial.user_attrs.get("adl_point", trial.number if trial.number < len(points) else None)
+            trial = self._ask()
+            idx = self._point(trial, len(points))
             if idx is None:  # grid exhausted between the check and the ask: give this one back
                 trial.set_user_attr("adl_released", "surplus")
+                self.heartbeat.held.discard(trial.number)
                 self.study.tell(trial, state=TrialState.FAIL)
                 break
             self._tag(trial, idx)
@@ -282,12 +356,27 @@ class SweepStudy:
         taken = len(self.study.get_trials(deepcopy=False, states=states))
         out = []
         while len(out) < max_n and taken + len(out) < self.space.trials:
-            trial = self.study.ask()
+            trial = self._ask()
             self._tag(trial, None)
             for name, dim in self.space.dims.items():
                 dim.suggest(trial, name)
             out.append(trial)
         return out
+
+    def _ask(self):
+        """study.ask(), beaten at once (before it is tagged: see the module docstring)."""
+        trial = self.study.ask()
+        self.beat(trial.number)
+        self.heartbeat.held.add(trial.number)
+        return trial
+
+    def _point(self, trial, n: int) -> int | None:
+        """The grid point of a claimed trial (``grid_point``). A queued copy that took a number
+        below n displaces point ``number``, which this worker queues (only it holds that number)."""
+        idx = grid_point(self.storage.get_trial(self._trial_id(trial.number)))
+        if idx != trial.number and trial.number < n:
+            self.study.enqueue_trial(self.space.points[trial.number], user_attrs={"adl_point": trial.number})
+        return idx if idx < n else None
 
     def _tag(self, trial, idx) -> None:
         trial.set_user_attr("adl_worker", self.worker)
@@ -295,10 +384,16 @@ class SweepStudy:
             trial.set_user_attr("adl_point", idx)
 
     # -- telling -----------------------------------------------------------------------------
-    def finish(self, trial, record: dict, value: float | None, state: TrialState) -> None:
-        """Store the trial's record (user attribute ``adl_result``), then its state and value."""
-        trial.set_user_attr("adl_result", record)
-        self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+    def finish(self, trial, record: dict, value: float | None, state: TrialState) -> bool:
+        """Store the trial's record (user attribute ``adl_result``), then its state and value.
+        False when the trial was failed as stale meanwhile (its re-queued copy counts instead)."""
+        self.heartbeat.held.discard(trial.number)
+        try:
+            trial.set_user_attr("adl_result", record)
+            self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):
+            return False
+        return True
 
     def records(self) -> list[dict]:
         return study_records(self.study)

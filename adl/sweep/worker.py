@@ -164,15 +164,20 @@ def run_record(job: Job, layers: list[int]) -> dict:
     return rec
 
 
-def _tell(study: SweepStudy, trial, jobs: list[Job], metric: str, layers: list[int]) -> float | None:
+def _tell(study: SweepStudy, trial, jobs: list[Job], metric: str, layers: list[int],
+          console: Console) -> float | None:
     runs = [run_record(j, layers) for j in jobs]
     ok = [r for r in runs if r.get("val") is not None]
     errors = [r["error"] for r in runs if r["error"]]
     pruned = any(j.result is not None and j.result.stop_reason == "pruned" for j in jobs)
     value = float(np.mean([r["val"][metric] for r in ok])) if ok else None
     state = TrialState.FAIL if errors else TrialState.PRUNED if pruned else TrialState.COMPLETE
-    study.finish(trial, {"point": {k: v for k, v in jobs[0].point.items() if k != "seed"}, "runs": runs,
-                         "value": value, "metric": metric}, value, state)
+    if not study.finish(trial, {"point": {k: v for k, v in jobs[0].point.items() if k != "seed"}, "runs": runs,
+                                "value": value, "metric": metric}, value, state):
+        console.print(f"trial {trial.number} was declared stale and re-queued while this worker ran it (no "
+                      "heartbeat within the grace period); its result is dropped, the re-queued copy counts",
+                      highlight=False)
+        return None
     return value
 
 
@@ -228,9 +233,10 @@ def run_sweep(cfg: SweepConfig, *, console: Console | None = None) -> dict:
     total = len(space.points) if space.search == "grid" else cfg.trials
     console.print(f"sweep {study.study.study_name}: {cfg.search}, {total} trials, storage "
                   f"{safe_url(study.url)}", highlight=False, soft_wrap=True)
-    if (n := study.recover()):
-        console.print(f"re-queued {n} trial(s) of a worker that is gone", highlight=False)
-    ran = _loop(cfg, study, worker, cache, console, total)
+    try:
+        ran = _loop(cfg, study, worker, cache, console, total)
+    finally:
+        study.close()
     if cfg.baselines == "auto":
         train_baselines(worker, out)
     summary = write_outputs(out, study.study, console=console, top=cfg.top, baselines=cfg.baselines)
@@ -240,15 +246,26 @@ def run_sweep(cfg: SweepConfig, *, console: Console | None = None) -> dict:
 
 
 def _loop(cfg: SweepConfig, study: SweepStudy, worker: Worker, cache, console: Console, total: int) -> int:
-    ran, claimed = 0, []
+    ran, claimed, waiting = 0, [], 0
     try:
-        while claimed := study.claim(cfg.group_size):
+        while True:
+            if n := study.recover():
+                console.print(f"re-queued {n} trial(s) of workers that stopped beating", highlight=False)
+            if not (claimed := study.claim(cfg.group_size)):
+                if not (others := study.running_elsewhere()):
+                    break
+                if others != waiting:  # their points come back here if those workers stop beating
+                    console.print(f"waiting for {others} trial(s) running in other workers", highlight=False)
+                    waiting = others
+                study.wait()
+                continue
             t0 = time.perf_counter()
             jobs = worker.jobs(claimed)
             worker.run(jobs)
             values = []
             for trial in claimed:
-                values.append(_tell(study, trial, [j for j in jobs if j.trial is trial], worker.metric, cache.layers))
+                values.append(_tell(study, trial, [j for j in jobs if j.trial is trial], worker.metric, cache.layers,
+                                    console))
             ran += len(claimed)
             done = study.progress().get("complete", 0)
             best = max((v for v in values if v is not None), default=float("nan"))
