@@ -23,6 +23,7 @@ Crash safety:
 
 from __future__ import annotations
 
+import errno
 import os
 import zlib
 from pathlib import Path
@@ -152,10 +153,17 @@ class HDF5Backend:
         return int(self.file[name].id.get_storage_size())
 
     def reserve(self, nbytes: int) -> None:
-        """Allocate the file's final size on disk now: a full disk is then a clean OSError here."""
+        """Allocate the file's final size on disk now: a full disk is then a clean OSError here.
+        Where the OS or filesystem cannot reserve (macOS, some network filesystems) nothing is
+        reserved, and a full disk mid-run is caught from h5py's error text instead."""
+        if not hasattr(os, "posix_fallocate"):
+            return
         fd = os.open(self.path, os.O_RDWR)
         try:
             os.posix_fallocate(fd, 0, nbytes)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
         finally:
             os.close(fd)
 
