@@ -5,8 +5,10 @@ Storages: a journal file and SQLite (always), PostgreSQL when ADL_TEST_POSTGRES_
 """
 
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import optuna
@@ -56,3 +58,38 @@ def test_two_workers_share_one_study(tmp_path, kind):
     finally:
         if kind == "postgres":
             optuna.delete_study(study_name=study, storage=open_storage(url))
+
+
+def test_a_worker_killed_mid_sweep_loses_no_point(tmp_path):
+    """kill -9 one of two workers while it holds trials: the other re-queues them once their
+    heartbeat is stale (during the sweep, not at a restart), and every point completes once."""
+    cache = write_synthetic_cache(tmp_path / "cache", n=(32, 16, 16))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ADL_SWEEP_HEARTBEAT_S": "0.3", "ADL_SWEEP_GRACE_S": "3"}
+    cmd = [sys.executable, "-m", "adl", "sweep", "--cache", str(cache), "--storage", url, "--study", "kill", *GRID,
+           *FAST]
+    victim = subprocess.Popen([*cmd, "--out", str(tmp_path / "victim")], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    survivor = subprocess.Popen([*cmd, "--out", str(tmp_path / "survivor")], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    storage = open_storage(url)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # until the victim holds trials
+        try:
+            trials = optuna.load_study(study_name="kill", storage=storage).get_trials()
+        except KeyError:  # the study does not exist yet
+            trials = []
+        if any(t.state.name == "RUNNING" and "adl_worker" in t.user_attrs for t in trials):
+            break
+        time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    held = [t.number for t in optuna.load_study(study_name="kill", storage=storage).get_trials()
+            if t.state.name == "RUNNING"]
+    assert held, "the victim was killed before it claimed a trial"
+    output = survivor.communicate(timeout=300)[0]  # it finishes the sweep alone, the victim's points included
+    assert survivor.returncode == 0, output
+    trials = optuna.load_study(study_name="kill", storage=storage).get_trials()
+    complete = sorted(t.user_attrs["adl_point"] for t in trials if t.state.name == "COMPLETE")
+    assert complete == list(range(16))  # every point once
+    assert all(trials[n].state.name == "FAIL" for n in held)  # the victim's trials were failed, not rerun in place

@@ -67,8 +67,11 @@ from adl.errors import AdlError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-HEARTBEAT_S = 10  # a worker's heartbeat period for the trials it holds
-GRACE_S = 60  # a RUNNING trial silent (or untagged) for longer is stale: failed and re-queued
+# A worker's heartbeat period for the trials it holds, and the silence after which a RUNNING
+# trial is stale (failed and re-queued). Raise the grace period where workers can stall
+# (swapping, a paused VM); the environment sets both for a whole cluster.
+HEARTBEAT_S = float(os.environ.get("ADL_SWEEP_HEARTBEAT_S", 10))
+GRACE_S = float(os.environ.get("ADL_SWEEP_GRACE_S", 60))
 RETRY = RetryHeartbeatStaleTrialCallback(max_retry=None)  # re-queues a failed trial as WAITING
 # heartbeats with ask/tell (not Study.optimize) are what this module is built on: quiet Optuna's notes on it
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module="optuna")
