@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import os
 from typing import Annotated, Optional
 
 import typer
@@ -208,7 +209,8 @@ def _sweep_params() -> list[inspect.Parameter]:
               opt("seeds", Optional[int], "--seeds", helps["seeds"]),
               opt("out", Optional[str], "--out", helps["out"]),
               opt("storage", Optional[str], "--storage", "Optuna storage URL: sqlite:///F, journal:PATH, "
-                  "postgresql://... (default sqlite in --out)"),
+                  "postgresql://... (default $ADL_STORAGE, else sqlite in --out; a URL with a password "
+                  "belongs in $ADL_STORAGE, out of ps and shell history)"),
               opt("study", Optional[str], "--study", helps["study"]),
               opt("group_size", Optional[int], "--group-size", helps["group_size"]),
               opt("vectorise", Optional[bool], "--vectorise/--no-vectorise", helps["vectorise"]),
@@ -228,6 +230,7 @@ def _sweep(**opts) -> None:
 
     Example: adl sweep --cache cache/tweets --alpha 16,64,128 --lambda 0,1e-3 --k 32,64 --cutoff 0,0.01
     """
+    opts["storage"] = opts["storage"] or os.environ.get("ADL_STORAGE") or None
     if opts["report"] is not None:
         report_sweep(opts["report"], storage=opts["storage"])
         return

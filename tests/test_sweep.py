@@ -25,7 +25,7 @@ from adl.sweep.config import (
     parse_space,
 )
 from adl.sweep.group import fit_group
-from adl.sweep.study import SweepStudy, open_storage
+from adl.sweep.study import SweepStudy, mask, open_storage, safe_url
 from adl.train.config import TrainConfig, resolve, view_for
 from adl.train.data import load_data
 from adl.train.head_io import make_head
@@ -320,3 +320,16 @@ def test_cli_grid_then_report(caches, tmp_path):
     assert (out / "quality_vs_params.png").is_file() and "top configurations" in res.output
     res = runner.invoke(app, ["sweep", "--cache", str(caches["seq"]), "--alpha", "1:8"])
     assert res.exit_code == 2 and "ranges need --search tpe" in res.output
+
+
+@pytest.mark.parametrize("url, secret", [("postgresql://bob:s3cr3t@127.0.0.1:1/db", "s3cr3t"),
+                                         ("postgresql://:s3cr3t@127.0.0.1:1/db", "s3cr3t"),
+                                         ("postgresql://127.0.0.1:1/db?user=bob&password=s3cr3t", "s3cr3t"),
+                                         ("postgresql://bob:p%40ss@127.0.0.1:1/db", "p@ss")])
+def test_storage_passwords_never_printed(caches, tmp_path, url, secret):
+    assert secret not in safe_url(url) and "***" in safe_url(url)
+    assert mask(f'could not connect: dsn "password={secret}" user bob', url).count(secret) == 0
+    r = runner.invoke(app, ["sweep", "--cache", str(caches["seq"]), "--alpha", "1,2", "--out", str(tmp_path / "s")],
+                      env={"ADL_STORAGE": url})
+    assert r.exit_code == 2 and "cannot open study storage" in r.output, r.output
+    assert secret not in r.output and "p%40ss" not in r.output

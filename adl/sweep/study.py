@@ -72,11 +72,11 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 # (swapping, a paused VM); the environment sets both for a whole cluster.
 HEARTBEAT_S = float(os.environ.get("ADL_SWEEP_HEARTBEAT_S", 10))
 GRACE_S = float(os.environ.get("ADL_SWEEP_GRACE_S", 60))
-RETRY = RetryHeartbeatStaleTrialCallback(max_retry=None)  # re-queues a failed trial as WAITING
 # heartbeats with ask/tell (not Study.optimize) are what this module is built on: quiet Optuna's notes on it
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module="optuna")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module=__name__)
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+RETRY = RetryHeartbeatStaleTrialCallback(max_retry=None)  # re-queues a failed trial as WAITING
 
 
 # ---- storage ---------------------------------------------------------------------------------
@@ -85,9 +85,32 @@ def default_storage(out: Path) -> str:
     return f"sqlite:///{Path(out).resolve() / 'study.db'}"
 
 
+def secrets_of(url: str) -> list[str]:
+    """The secrets a storage URL carries: the password of ``scheme://[user]:password@host`` and
+    the values of ``password=`` / ``passwd=`` / ``token=``-like query parameters."""
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        found = [parts.password] if parts.password else []
+        found += [v for k, v in parse_qsl(parts.query) if re.search(r"pass|secret|token|key", k, re.I) and v]
+    except ValueError:
+        found = []
+    found += re.findall(r"://[^/@]*?:([^@/]+)@", url)
+    found += [unquote(f) for f in found]  # as a driver's error text may print it
+    return sorted({f for f in found if f}, key=len, reverse=True)
+
+
+def mask(text: str, url: str | None = None) -> str:
+    """``text`` with every secret of ``url`` (and any ``:password@`` or ``password=value``) as ***."""
+    for secret in secrets_of(url or "") + secrets_of(text):
+        text = text.replace(secret, "***")
+    return re.sub(r"((?:pass|passwd|password|secret|token)\s*=\s*)[^\s&;,'\"]+", r"\1***", text, flags=re.I)
+
+
 def safe_url(url: str) -> str:
-    """The URL with any password replaced by ***."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+    """The URL with its password and secret query parameters replaced by ***."""
+    return mask(url, url)
 
 
 def open_storage(url: str):
@@ -121,7 +144,7 @@ def _heartbeat() -> dict:
 
 def _unusable(url: str, error: Exception) -> AdlError:
     msg = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return AdlError(f"cannot open study storage {safe_url(url)}: {safe_url(msg)[:300]}; check the URL, "
+    return AdlError(f"cannot open study storage {safe_url(url)}: {mask(msg, url)[:300]}; check the URL, "
                     "that the database server is running and reachable, and its driver is installed")
 
 
@@ -242,7 +265,8 @@ class SweepStudy:
             self.study = optuna.create_study(study_name=name, storage=self.storage, sampler=sampler, pruner=pruner,
                                              direction="maximize", load_if_exists=True)
         except Exception as e:  # noqa: BLE001  (a storage that opened but refuses writes)
-            raise AdlError(f"cannot create study {name!r} in {safe_url(storage_url)}: {e}") from None
+            raise AdlError(f"cannot create study {name!r} in {safe_url(storage_url)}: "
+                           f"{mask(str(e), storage_url)[:300]}") from None
         self._check(meta)
         self.worker = worker_id()
         self.study_id = self.storage.get_study_id_from_name(self.study.study_name)
