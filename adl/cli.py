@@ -22,6 +22,7 @@ from adl.errors import AdlError
 from adl.extract.config import ExtractConfig
 from adl.extract.run import run_extract
 from adl.serve.predict import PredictConfig, run_predict
+from adl.serve.server import ServeConfig, run_serve
 from adl.sweep.config import NOT_SWEPT, SWEEPABLE, SweepConfig, field_type, parse_space
 from adl.sweep.report import report_sweep
 from adl.sweep.worker import run_sweep
@@ -268,6 +269,34 @@ def predict(
                                    dataset=dataset, out=out, batch_size=batch_size, device=device).items()
              if v is not None}
     run_predict(PredictConfig(**given))
+
+
+# ---- serving ------------------------------------------------------------------------
+# Flags map 1:1 onto ServeConfig fields (--run, repeated, -> runs); the config holds the defaults.
+
+
+@app.command()
+@user_errors
+def serve(
+    run: Annotated[list[str], _O("--run", help="run folder written by `adl train`; repeat for more heads (each head "
+                                  "is named after its folder)")],
+    host: Annotated[Optional[str], _O("--host", help="address to bind (default 127.0.0.1: this machine only)")] = None,
+    port: Annotated[Optional[int], _O("--port", help="TCP port (default 8000)")] = None,
+    max_batch_size: Annotated[Optional[int], _O("--max-batch-size", help="texts per backbone call, at most "
+                                                "(default 64)")] = None,
+    max_wait_ms: Annotated[Optional[float], _O("--max-wait-ms", help="how long a batch waits for more requests "
+                                               "when the server is busy (default 10)")] = None,
+    device: Annotated[Optional[str], _O("--device", help="auto (default) | cpu | cuda | cuda:N | mps")] = None,
+    max_body_kb: Annotated[Optional[int], _O("--max-body-kb", help="request body limit in KiB (default 1024)")] = None,
+    max_texts: Annotated[Optional[int], _O("--max-texts", help="texts per request, at most (default 64)")] = None,
+    max_chars: Annotated[Optional[int], _O("--max-chars", help="characters per text, at most (default 10000)")] = None,
+) -> None:
+    """Serve the backbone and the heads of one or more runs over HTTP: JSON API, /metrics, a page at /.
+
+    Set $ADL_SERVE_TOKEN to require 'Authorization: Bearer <token>'. SIGTERM drains and exits 0.
+    """
+    given = {k: v for k, v in locals().items() if v is not None and k != "run"}
+    run_serve(ServeConfig(runs=tuple(run), **given))
 
 
 def main() -> None:

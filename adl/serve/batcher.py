@@ -1,0 +1,163 @@
+"""Dynamic batching: concurrent requests coalesced into one Predictor call, each answer sent back to its own request.
+
+Requests wait in an asyncio queue. One loop takes the first waiting request, then keeps taking
+more until the batch holds ``max_batch_size`` texts or ``max_wait`` seconds have passed, and
+runs the whole batch as one ``predictor(texts, heads=..., return_embedding=...)`` call in a single worker
+thread (so the event loop keeps accepting requests and Predictor calls never overlap). While a
+batch runs, new requests pile up in the queue and form the next one, so the batch size follows
+the load by itself.
+
+    B requests, n_1 .. n_B texts  ->  one call on n_1 + ... + n_B <= max_batch_size texts
+    (a request is never split; one larger than max_batch_size runs alone)
+
+The wait is spent only when the previous batch showed concurrency (it held more than one
+request): a lone client never waits for company that is not coming, so at concurrency 1 the
+latency is the forward pass alone.
+
+The call asks for the union of the requests' heads (all of them if any request asked for all)
+and for embeddings if any request did; each request gets back only what it asked for. A head's
+answer on a text does not depend on which other heads ride along, so this changes nothing.
+
+When a batch of several requests fails, each request is run again alone, so a request that
+breaks the Predictor fails by itself and its neighbours still get their answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass
+class Job:
+    """One request waiting for its answer: ``heads`` None means every head."""
+
+    texts: list[str]
+    heads: list[str] | None
+    embedding: bool
+    future: asyncio.Future = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a request gets back: per text a {head: result} dict, and embeddings if asked."""
+
+    results: list[dict[str, Any]]
+    embeddings: list[list[float]] | None
+
+
+class Batcher:
+    """Owns the queue, the batching loop and the one worker thread.
+
+    ``predictor`` is an adl.serve.Predictor (or anything with its ``.names`` and call, returning
+    ``.heads[name][i]`` and ``.embeddings[i]``); ``on_batch(texts, requests, seconds, failed)`` is
+    told about every batch (metrics).
+    """
+
+    def __init__(self, predictor, max_batch_size: int, max_wait: float,
+                 on_batch: Callable[[int, int, float, bool], None] | None = None):
+        self.predictor, self.names = predictor, list(predictor.names)
+        self.max_batch_size, self.max_wait = max_batch_size, max_wait
+        self.on_batch = on_batch or (lambda *_: None)
+        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._carry: collections.deque[Job] = collections.deque()  # taken from the queue, runs next
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adl-predict")
+        self._task: asyncio.Task | None = None
+        self._last_requests = 1
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="adl-batcher")
+
+    async def stop(self) -> None:
+        """Cancel the loop (call once no request is in flight) and join the worker thread."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._pool.shutdown(wait=True)
+
+    async def submit(self, texts: list[str], heads: list[str] | None = None, embedding: bool = False) -> Answer:
+        """Queue one request and wait for its answer; the Predictor's exception if its batch failed."""
+        job = Job(texts, heads, embedding, asyncio.get_running_loop().create_future())
+        await self._queue.put(job)
+        return await job.future
+
+    async def _next_job(self, timeout: float) -> Job | None:
+        if self._carry:
+            return self._carry.popleft()
+        if timeout <= 0:
+            return None if self._queue.empty() else self._queue.get_nowait()
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    async def _collect(self) -> list[Job]:
+        """The next batch: the first waiting job, then more until full or the wait is over."""
+        loop = asyncio.get_running_loop()
+        first = self._carry.popleft() if self._carry else await self._queue.get()
+        batch, n = [first], len(first.texts)
+        deadline = loop.time() + (self.max_wait if self._last_requests > 1 else 0.0)
+        while n < self.max_batch_size:
+            job = await self._next_job(deadline - loop.time())
+            if job is None:
+                break
+            if n + len(job.texts) > self.max_batch_size:
+                self._carry.append(job)
+                break
+            batch.append(job)
+            n += len(job.texts)
+        self._last_requests = len(batch)
+        return batch
+
+    async def _loop(self) -> None:
+        while True:
+            batch = await self._collect()
+            await self._run(batch)
+
+    async def _run(self, batch: list[Job]) -> None:
+        texts = [t for job in batch for t in job.texts]
+        asked = [job.heads for job in batch]
+        heads = None if any(h is None for h in asked) else [n for n in self.names if any(n in h for h in asked)]
+        embedding = any(job.embedding for job in batch)
+        call = functools.partial(self.predictor, texts, heads=heads, return_embedding=embedding)
+        start = time.perf_counter()
+        try:
+            out = await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        except Exception as e:  # noqa: BLE001 - a failing batch must answer its requests, never kill the loop
+            self.on_batch(len(texts), len(batch), time.perf_counter() - start, True)
+            if len(batch) > 1:
+                for job in batch:
+                    await self._run([job])
+            else:
+                _settle(batch[0], exception=e)
+            return
+        self.on_batch(len(texts), len(batch), time.perf_counter() - start, False)
+        i = 0
+        for job in batch:
+            try:
+                _settle(job, result=_slice(out, job, range(i, i + len(job.texts)), self.names))
+            except Exception as e:  # noqa: BLE001 - an output that does not fit fails its request, not the loop
+                _settle(job, exception=e)
+            i += len(job.texts)
+
+
+def _slice(out, job: Job, rows: range, names: list[str]) -> Answer:
+    """Rows ``rows`` of a batch's output, with only the heads (and embeddings) the job asked for."""
+    names = names if job.heads is None else job.heads
+    results = [{name: out.heads[name][r] for name in names} for r in rows]
+    embeddings = [list(out.embeddings[r]) for r in rows] if job.embedding else None
+    return Answer(results, embeddings)
+
+
+def _settle(job: Job, result: Answer | None = None, exception: Exception | None = None) -> None:
+    if job.future.done():  # the client went away and its request was cancelled
+        return
+    if exception is not None:
+        job.future.set_exception(exception)
+    else:
+        job.future.set_result(result)

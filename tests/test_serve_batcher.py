@@ -1,0 +1,181 @@
+"""The dynamic batcher against a fake Predictor, in process; run as a script, the real server around that fake.
+
+The fake is deterministic per text, records every call, can sleep (to hold a request in
+flight) and raises on any text containing BOOM (a failing batch). ``python
+tests/test_serve_batcher.py --port N [--delay S]`` serves it through the real create_app and
+serve_app, for the server tests that need a slow or failing backbone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from adl.serve.batcher import Batcher  # noqa: E402
+
+
+@dataclass
+class FakeOutput:
+    heads: dict
+    embeddings: list | None
+
+
+class FakePredictor:
+    """Same interface as adl.serve.Predictor: .names, .heads_info(), __call__(texts, heads, ...)."""
+
+    names = ["sentiment", "ner"]
+
+    def __init__(self, delay: float = 0.0):
+        self.delay, self.calls, self._busy = delay, [], threading.Lock()
+
+    def heads_info(self):
+        return [{"name": "sentiment", "task": "sequence", "labels": ["negative", "positive"], "layers": [0, 1, 2],
+                 "weights": [0.2, 0.5, 0.3], "metrics": {"accuracy": 0.8}},
+                {"name": "ner", "task": "token", "labels": ["O", "B-ORG", "I-ORG"], "layers": [0, 1, 2],
+                 "weights": [0.1, 0.1, 0.8], "metrics": {"f1": 0.5}}]
+
+    def __call__(self, texts, heads=None, return_backbone=False, return_embedding=False):
+        if not self._busy.acquire(blocking=False):
+            raise AssertionError("Predictor called concurrently")
+        try:
+            self.calls.append((list(texts), heads, return_embedding))
+            time.sleep(self.delay)
+            if any("BOOM" in t for t in texts):
+                raise RuntimeError("the backbone blew up on BOOM")
+            heads = heads or self.names
+            out = {}
+            if "sentiment" in heads:
+                out["sentiment"] = [self.sentiment(t) for t in texts]
+            if "ner" in heads:
+                out["ner"] = [self.ner(t) for t in texts]
+            return FakeOutput(out, [self.embedding(t) for t in texts] if return_embedding else None)
+        finally:
+            self._busy.release()
+
+    @staticmethod
+    def sentiment(text):
+        p = int(hashlib.sha256(text.encode()).hexdigest()[:4], 16) / 0xFFFF
+        return {"label": "positive" if p >= 0.5 else "negative", "probs": {"negative": 1 - p, "positive": p}}
+
+    @staticmethod
+    def ner(text):
+        ents, at = [], 0
+        for word in text.split(" "):
+            if word[:1].isupper():
+                ents.append({"type": "ORG", "start": at, "end": at + len(word), "text": word})
+            at += len(word) + 1
+        return {"entities": ents}
+
+    @staticmethod
+    def embedding(text):
+        return [float(len(text)), float(text.count(" "))]
+
+
+def expected(text, heads=None):
+    heads = heads or FakePredictor.names
+    return {h: getattr(FakePredictor, h)(text) for h in heads}
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _with_batcher(fake, fn, max_batch_size=8, max_wait=0.05):
+    batches = []
+    b = Batcher(fake, max_batch_size, max_wait, on_batch=lambda *a: batches.append(a))
+    b.start()
+    try:
+        return await fn(b), batches
+    finally:
+        await b.stop()
+
+
+def test_concurrent_requests_are_coalesced_and_each_gets_its_own_answer():
+    fake = FakePredictor(delay=0.05)
+    texts = [f"text {i} from Client{i % 3}" for i in range(20)]
+
+    async def go(b):
+        return await asyncio.gather(*(b.submit([t]) for t in texts))
+
+    answers, batches = run(_with_batcher(fake, go))
+    assert [a.results for a in answers] == [[expected(t)] for t in texts]
+    assert all(a.embeddings is None for a in answers)
+    assert max(n for n, *_ in batches) > 1  # some requests rode together
+    assert all(n <= 8 for n, *_ in batches) and sum(n for n, *_ in batches) == 20
+
+
+def test_heads_and_embeddings_are_per_request_in_a_mixed_batch():
+    fake = FakePredictor(delay=0.02)
+
+    async def go(b):
+        return await asyncio.gather(b.submit(["a Apple"], ["sentiment"]), b.submit(["b", "c Paris"], ["ner"], True),
+                                    b.submit(["d"], None))
+
+    (one, two, three), _ = run(_with_batcher(fake, go))
+    assert one.results == [expected("a Apple", ["sentiment"])] and one.embeddings is None
+    assert two.results == [expected("b", ["ner"]), expected("c Paris", ["ner"])]
+    assert two.embeddings == [FakePredictor.embedding("b"), FakePredictor.embedding("c Paris")]
+    assert three.results == [expected("d")]
+
+
+def test_a_request_larger_than_the_batch_runs_alone_and_is_never_split():
+    fake = FakePredictor()
+
+    async def go(b):
+        return await asyncio.gather(b.submit([f"t{i}" for i in range(5)]), b.submit(["x"]), b.submit(["y", "z"]))
+
+    answers, batches = run(_with_batcher(fake, go, max_batch_size=3))
+    assert [len(a.results) for a in answers] == [5, 1, 2]
+    assert [len(texts) for texts, *_ in fake.calls] == [5, 3]
+
+
+def test_a_failing_request_fails_alone_and_the_batcher_goes_on():
+    fake = FakePredictor(delay=0.02)
+
+    async def go(b):
+        first = await asyncio.gather(b.submit(["fine"]), b.submit(["BOOM here"]), b.submit(["also fine"]),
+                                     return_exceptions=True)
+        return first, await b.submit(["after"])
+
+    (first, after), batches = run(_with_batcher(fake, go))
+    assert first[0].results == [expected("fine")] and first[2].results == [expected("also fine")]
+    assert isinstance(first[1], RuntimeError) and "BOOM" in str(first[1])
+    assert after.results == [expected("after")]
+    assert any(failed for *_, failed in batches)
+
+
+def test_a_lone_client_does_not_wait_for_company():
+    fake = FakePredictor()
+
+    async def go(b):
+        for i in range(3):
+            await b.submit([f"t{i}"])
+
+    _, batches = run(_with_batcher(fake, go, max_wait=30.0))  # would hang 30 s per request if it waited
+    assert [n for n, *_ in batches] == [1, 1, 1]
+
+
+def _serve_fake(argv):
+    import argparse
+
+    from adl.serve.server import ServeConfig, create_app, serve_app
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--delay", type=float, default=0.0)
+    ap.add_argument("--token", default=None)
+    args = ap.parse_args(argv)
+    cfg = ServeConfig(runs=("fake",), port=args.port, max_texts=4, max_chars=100, max_body_kb=2)
+    serve_app(create_app(FakePredictor(args.delay), cfg, args.token), cfg, log_level="warning")
+
+
+if __name__ == "__main__":
+    _serve_fake(sys.argv[1:])
