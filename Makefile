@@ -31,7 +31,7 @@ demo: install
 	$(ADL) train --cache cache/tweets --max-epochs 15 --out runs/demo --overwrite
 
 test: install
-	$(PY) -m pytest -q
+	ADL_REQUIRE_ASSETS=1 $(PY) -m pytest -q
 
 bench: install
 	$(PY) bench/extract.py

