@@ -214,6 +214,7 @@ def main() -> None:
     ap.add_argument("--large-limit", type=int, default=150, help="tweets per split for part 3")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: 1,2,3")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--kinds", default="pooled,tokens", help="heads of parts 1 and 2: pooled,tokens")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -224,7 +225,7 @@ def main() -> None:
                "load_average_at_start": os.getloadavg(),
                "vectorised_vs_sequential": [], "cache_vs_backbone": [], "cache_vs_large_backbone": []}
     skip = set(args.skip.split(","))
-    for kind in ("pooled", "tokens"):
+    for kind in args.kinds.split(","):
         if "1" not in skip:
             results["vectorised_vs_sequential"].append(vectorised_vs_sequential(cache, kind, args.epochs, args.repeats))
         if "2" not in skip:
@@ -249,8 +250,11 @@ def main() -> None:
     if out.is_file():  # parts skipped in this run keep their last measured rows
         earlier = json.loads(out.read_text())
         for part, key in (("1", "vectorised_vs_sequential"), ("2", "cache_vs_backbone"), ("3", "cache_vs_large_backbone")):
-            if part in skip and earlier.get(key):
-                results[key] = earlier[key]
+            if part in skip:
+                results[key] = earlier.get(key, [])
+            elif part != "3":  # heads left out by --kinds keep their rows
+                measured = {r["head"] for r in results[key]}
+                results[key] += [r for r in earlier.get(key, []) if r["head"] not in measured]
     out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     print(f"written {out}")
 
