@@ -107,8 +107,9 @@ def timed_clean(out: Path, fmt: str, limit: int) -> tuple[float, float]:
 def kill_trials(work: Path, fmt: str, limit: int, n: int, clean: dict, timing: tuple, rng) -> list[dict]:
     """Even trials: a moment uniform over the whole run (start-up included); odd trials: uniform
     over its writing phase (from the first progress file on), where the store is at risk."""
-    trials = []
-    for t in range(n):
+    trials, t = [], -1
+    while sum(x["killed"] for x in trials) < n and len(trials) < 2 * n:  # n kills that landed
+        t += 1
         out = work / f"kill-{fmt}-{t}"
         phase = "whole run" if t % 2 == 0 else "writing"
         at = rng.uniform(0.0, 0.95 * timing[0 if phase == "whole run" else 1])
@@ -235,7 +236,7 @@ def row(name: str, trials: list[dict], key: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=200, help="examples per split (tweets: 3 splits)")
-    ap.add_argument("--kills", type=int, default=10, help="kill -9 trials per format")
+    ap.add_argument("--kills", type=int, default=10, help="kill -9 trials that land, per format")
     ap.add_argument("--disk-full", type=int, default=2, help="full-disk trials per format")
     ap.add_argument("--damage", type=int, default=3, help="trials per kind of damage")
     ap.add_argument("--races", type=int, default=3)
