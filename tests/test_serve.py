@@ -213,6 +213,8 @@ def test_token_guards_heads_and_metrics_but_not_health(server):
     assert httpx.get(server.url + "/healthz").status_code == 200
     r = httpx.get(server.url + "/v2/nothing")
     assert r.status_code == 404 and "/docs" in r.json()["error"]
+    r = httpx.get(server.url + "/v1/predict", headers=AUTH)
+    assert r.status_code == 405 and r.json() == {"error": "Method Not Allowed"}
 
 
 def test_chunked_body_over_the_limit_is_refused(server):

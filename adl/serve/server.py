@@ -41,6 +41,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adl import __version__
 from adl.errors import AdlError
@@ -213,8 +214,8 @@ def create_app(predictor, cfg: ServeConfig, token: str | None = None) -> FastAPI
                                      f"<token>' with the token set in ${TOKEN_ENV} on the server",
                                 headers={"WWW-Authenticate": "Bearer"})
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_request, exc: HTTPException):
+    @app.exception_handler(StarletteHTTPException)  # also starlette's own 404/405
+    async def http_error(_request, exc: StarletteHTTPException):
         return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
