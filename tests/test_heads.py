@@ -191,7 +191,7 @@ def test_adalayers_options_and_errors():
 
 NAME_HPARAMS = {"adalayers": dict(k=4, heads=2, ff=8), "adalayers-pooled": dict(k=4, hidden=8),
                 "single-layer": dict(layer=1, k=4, heads=2, ff=8), "last-layer": {},
-                "linear-probe": dict(layer=0), "scalar-mix": {}, "head2toe": {}}
+                "linear-probe": dict(layer=0), "concat-probe": {}, "scalar-mix": {}, "head2toe": {}}
 
 
 @pytest.mark.parametrize("name", HEAD_NAMES)

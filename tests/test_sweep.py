@@ -311,7 +311,7 @@ def test_cli_grid_then_report(caches, tmp_path):
     assert best["metric"] == "accuracy" and len(best["best"]["seeds"]) == 2
     assert best["command"].startswith(f"adl train --cache {caches['seq']}")
     lines = list(csv.DictReader(open(out / "baselines.csv")))
-    assert [r["name"] for r in lines] == ["single-layer"] * 4 + ["last-layer"]
+    assert [r["name"] for r in lines] == ["single-layer"] * 4 + ["linear-probe"] * 4 + ["concat-probe"]
     for png in ("metric_vs_hparams.png", "layer_weights.png", "quality_vs_params.png"):
         assert (out / png).stat().st_size > 0
         (out / png).unlink()

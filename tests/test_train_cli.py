@@ -66,7 +66,8 @@ def test_baselines_write_csv_and_chart(caches, tmp_path):
     with open(out / "baselines.csv") as f:
         rows = list(csv.DictReader(f))
     names = [r["name"] for r in rows]
-    assert names == ["adalayers"] + ["single-layer"] * 4 + ["last-layer", "scalar-mix", "head2toe-lasso", "head2toe"] + ["hsv"] * 4
+    assert names == (["adalayers"] + ["single-layer"] * 4 + ["linear-probe"] * 4 +
+                     ["concat-probe", "scalar-mix", "head2toe-lasso", "head2toe"] + ["hsv"] * 4)
     assert list(rows[0]) == ["name", "layer", "val_accuracy", "test_accuracy", "params", "seconds", "hsv"]
     assert all(0 <= float(r["test_accuracy"]) <= 1 for r in rows if r["name"] != "hsv")
     hsv = [float(r["hsv"]) for r in rows if r["name"] == "hsv"]

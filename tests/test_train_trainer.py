@@ -118,3 +118,25 @@ def test_layer_logits_have_no_weight_decay(seq_cache):
     assert no_decay["weight_decay"] == 0 and [p.shape for p in no_decay["params"]] == [head.mix.p.shape]
     assert no_decay["params"][0] is head.mix.p
     assert decay["weight_decay"] == 1e-3 and any(p is head.mix.W for p in decay["params"])
+
+
+@pytest.mark.parametrize("head", ["linear-probe", "concat-probe"])
+def test_probes_are_logistic_regression_with_c_chosen_on_validation(seq_cache, head):
+    """The probe equals scikit-learn's regression on standardised features, for the C that
+    scores best on validation, and predicts through the head module."""
+    from sklearn.linear_model import LogisticRegression
+
+    from adl.train.probe import CS, fit_probe, probe_features
+
+    kw = {"layer": SIGNAL} if head == "linear-probe" else {}
+    cfg, data, probe = _setup(seq_cache, head=head, **kw)
+    result = fit_probe(probe, data, cfg)
+    assert [r["C"] for r in result.history] == list(CS) and result.validation["accuracy"] == max(
+        r["val_accuracy"] for r in result.history)
+    x, y = probe_features(probe, data.train)
+    C = result.history[result.best_epoch - 1]["C"]
+    ref = LogisticRegression(C=C, max_iter=2000).fit((x - x.mean(0)) / (x.std(0) + 1e-8), y)
+    xt, _ = probe_features(probe, data.test)
+    ours = trainer.predict(probe, data.test, 64)
+    np.testing.assert_array_equal(ours, ref.predict((xt - x.mean(0)) / (x.std(0) + 1e-8)))
+    assert result.test["accuracy"] > 0.85  # the signal layer (or all layers) separates the classes

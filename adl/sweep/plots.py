@@ -3,7 +3,7 @@
     metric_vs_hparams.png   validation (and test) metric against each swept hyperparameter
     layer_weights.png       heatmap of the final layer weights, configurations x layers
     quality_vs_params.png   test metric against trainable parameters (log x), with the
-                            single-layer and last-layer baselines drawn in
+                            single-layer baselines and linear probes drawn in
 """
 
 from __future__ import annotations
@@ -122,10 +122,16 @@ def plot_quality_vs_params(rows: list[dict], baselines: list[dict], metric: str,
                         textcoords="offset points")
         top = max(b[split] for b in singles)
         ax.axhline(top, color="tab:gray", linestyle="--", linewidth=1, label=f"best single layer ({top:.3f})")
-    for b in baselines:
-        if b["name"] == "last-layer" and b.get(split) is not None:
+    probes = [b for b in baselines if b["name"] == "linear-probe" and b.get("val") is not None]
+    if probes:  # the probe a practitioner would pick: the layer with the best validation score
+        b = max(probes, key=lambda b: b["val"])
+        if b.get(split) is not None:
             ax.scatter([b["params"]], [b[split]], marker="^", s=50, color="tab:red",
-                       label=f"last-layer probe ({b[split]:.3f})")
+                       label=f"linear probe, layer {b['layer']} picked on val ({b[split]:.3f})")
+    for b in baselines:
+        if b["name"] == "concat-probe" and b.get(split) is not None:
+            ax.scatter([b["params"]], [b[split]], marker="v", s=50, color="tab:purple",
+                       label=f"linear probe on all layers ({b[split]:.3f})")
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on short spans
     ax.set(xlabel="trainable parameters (log)", ylabel=f"{split} {metric}", title=f"{split} {metric} vs head size")

@@ -109,7 +109,7 @@ def top_table(points: list[dict], metric: str, n: int) -> Table:
 
 
 def read_baselines(paths: list[Path], metric: str) -> list[dict]:
-    """single-layer / last-layer rows of the first baselines.csv found (``adl baselines`` format)."""
+    """single-layer and probe rows of the first baselines.csv found (``adl baselines`` format)."""
     for path in paths:
         if path.is_file():
             with open(path, newline="") as f:
@@ -117,7 +117,8 @@ def read_baselines(paths: list[Path], metric: str) -> list[dict]:
             num = lambda v: float(v) if v not in (None, "") else None  # noqa: E731
             return [{"name": r["name"], "layer": r["layer"], "params": num(r.get("params")),
                      "val": num(r.get(f"val_{metric}")), "test": num(r.get(f"test_{metric}"))}
-                    for r in rows if r.get("name") in ("single-layer", "last-layer") and num(r.get("params"))]
+                    for r in rows if r.get("name") in ("single-layer", "linear-probe", "concat-probe")
+                    and num(r.get("params"))]
     return []
 
 

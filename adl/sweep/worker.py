@@ -182,7 +182,7 @@ def _tell(study: SweepStudy, trial, jobs: list[Job], metric: str, layers: list[i
 
 
 def train_baselines(worker: Worker, out) -> None:
-    """<out>/baselines.csv with the single-layer heads (one per layer) and the last-layer probe,
+    """<out>/baselines.csv with the single-layer heads (one per layer) and the linear probes,
     trained on the sweep's view with the fixed config's budget, unless a baselines.csv is found
     in the sweep or cache folder. A file lock keeps local workers from training them twice."""
     from filelock import FileLock
@@ -194,7 +194,7 @@ def train_baselines(worker: Worker, out) -> None:
         base = resolve(cfg.fixed, cache)
         if base.head not in ("adalayers", "adalayers-pooled"):
             return
-        worker.console.print(f"training the single-layer and last-layer baselines ({len(cache.layers) + 1} runs; "
+        worker.console.print(f"training the single-layer and linear-probe baselines ({2 * len(cache.layers) + 1} runs; "
                              "--baselines off skips them)", highlight=False)
         rows = layer_baselines(base, worker.views, worker.console, view=view_for(base.head, cache, base.pool))
         write_csv(out / "baselines.csv", rows, worker.metric)

@@ -6,7 +6,9 @@ max_epochs, patience, lr_patience, seed, dropout where the head has one):
     adalayers     the method (adalayers on a tokens view, else adalayers-pooled)
     single-layer  one row per layer i: the same head with the mix fixed one-hot on i; its
                   projection W_i IS trained (the reference code left it random)
-    last-layer    linear probe on the last layer
+    linear-probe  one row per layer: L2 logistic regression on the layer's pooled states,
+                  solved to convergence, C chosen on validation (probe.fit_probe)
+    concat-probe  the same on all layers concatenated
     scalar-mix    ELMo: gamma * sum_i softmax(s)_i z_i, then linear
     head2toe      linear head on all layers' normalised features with group lasso
                   (coefficient ``lasso``), keep the top ``keep`` fraction of layers by group
@@ -18,7 +20,7 @@ max_epochs, patience, lr_patience, seed, dropout where the head has one):
 
 Writes ``baselines.csv`` (name, layer, val_<metric>, test_<metric>, params, seconds, hsv),
 ``baselines.png`` (single-layer test scores as bars, adalayers as a line) and config.json.
-A sweep trains the single-layer and last-layer rows with ``layer_baselines`` and writes them
+A sweep trains the single-layer and probe rows with ``layer_baselines`` and writes them
 with ``write_csv``, so its plots read the same file format.
 """
 
@@ -44,8 +46,8 @@ from adl.train.head_io import make_head
 from adl.train.heads import masked_mean
 from adl.train.metrics import hidden_state_variability, selection_metric
 from adl.train.plots import plot_baselines
+from adl.train.probe import fit_head
 from adl.train.run import prepare_out, publish
-from adl.train.trainer import fit
 
 HSV_ROWS = 4096  # rows (examples or words) for the hsv score: memory HSV_ROWS * L * D * 4 bytes
 
@@ -75,7 +77,7 @@ def _train(name: str, label: str, shown, cfg: TrainConfig, views: Views, console
     head = make_head(cfg, data, views.cache.manifest, name=name, **extra)
     m = selection_metric(data.task)
     with epoch_progress(console, label, cfg.max_epochs) as tick:
-        result = fit(head, data, cfg, on_epoch=lambda i, row: tick(row[f"val_{m}"]))
+        result = fit_head(head, data, cfg, on_epoch=lambda i, row: tick(row[f"val_{m}"]))
     row = {"name": label, "layer": shown, f"val_{m}": result.validation[m],
            f"test_{m}": result.test[m] if result.test else None, "params": result.params,
            "seconds": round(result.seconds, 3), "hsv": None}
@@ -86,13 +88,16 @@ def _train(name: str, label: str, shown, cfg: TrainConfig, views: Views, console
 
 
 def layer_baselines(cfg: TrainConfig, views: Views, console: Console, view: str | None = None) -> list[dict]:
-    """One single-layer row per layer (the mix fixed one-hot, W_i trained) and the last-layer
-    probe, on ``view`` (default: each head's own view)."""
+    """One single-layer row per layer (the mix fixed one-hot, W_i trained) on ``view`` (default:
+    the head's own), then the linear probes (logistic regression, C chosen on validation): one
+    per layer and one on all layers concatenated, on their own (pooled) view."""
     data = views.get(view) if view is not None else None
     layers = views.cache.layers
     rows = [_train("single-layer", "single-layer", layer, cfg, views, console, data=data, layer=i)[0]
             for i, layer in enumerate(layers)]
-    return rows + [_train("last-layer", "last-layer", layers[-1], cfg, views, console, data=data)[0]]
+    rows += [_train("linear-probe", "linear-probe", layer, cfg, views, console, layer=i)[0]
+             for i, layer in enumerate(layers)]
+    return rows + [_train("concat-probe", "concat-probe", "all", cfg, views, console)[0]]
 
 
 def _head2toe(cfg: TrainConfig, views: Views, console: Console) -> list[dict]:
@@ -158,7 +163,7 @@ def run_baselines(cfg: TrainConfig, *, console: Console | None = None) -> dict:
     rows += layer_baselines(cfg, views, console)
     rows.append(_train("scalar-mix", "scalar-mix", "all", cfg, views, console)[0])
     rows += _head2toe(cfg, views, console)
-    rows += _hsv_rows(views.for_head("last-layer"), cfg.seed)
+    rows += _hsv_rows(views.for_head("linear-probe"), cfg.seed)
     metric = selection_metric(cache.task)
     write_csv(out / "baselines.csv", rows, metric)
     _plot(rows, metric, out)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from adl.errors import AdlError
 
-TRAIN_HEADS = ("adalayers", "adalayers-pooled", "single-layer", "last-layer", "linear-probe", "scalar-mix",
+TRAIN_HEADS = ("adalayers", "adalayers-pooled", "single-layer", "last-layer", "linear-probe", "concat-probe", "scalar-mix",
                "head2toe")
 _LAYER_HEADS = ("single-layer", "linear-probe")  # heads that need --layer
 

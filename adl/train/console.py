@@ -10,7 +10,13 @@ import contextlib
 
 from rich.console import Console
 from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 
@@ -37,17 +43,18 @@ class EpochTable:
             self.live.update(self._table(), refresh=True)
         else:
             epoch, loss, val, lr, active = self._cells(row)
-            self.console.print(f"epoch {epoch}: loss {loss}, val {self.metric} {val}, lr {lr}, active layers {active}",
+            self.console.print(f"epoch {epoch}: loss {loss}, val {self.metric} {val}, {lr}, active layers {active}",
                                highlight=False)
 
     def _cells(self, r: dict) -> tuple[str, ...]:
         active = [str(l) for l in self.layers if r[f"w_{l}"] > 0]
-        return (str(r["epoch"]), f"{r['loss']:.4f}", f"{r['val_' + self.metric]:.4f}", f"{r['lr']:.2g}",
+        step = f"lr {r['lr']:.2g}" if "lr" in r else f"C {r['C']:g}"  # a probe's rows are its C values
+        return (str(r["epoch"]), f"{r['loss']:.4f}", f"{r['val_' + self.metric]:.4f}", step,
                 ",".join(active) if len(active) < len(self.layers) else "all")
 
     def _table(self) -> Table:
         t = Table(title=f"training (selection: validation {self.metric})", box=None, header_style="bold")
-        for col in ("epoch", "loss", f"val {self.metric}", "lr", "active layers"):
+        for col in ("epoch", "loss", f"val {self.metric}", "lr / C", "active layers"):
             t.add_column(col, justify="right")
         for r in self.history[-self.rows:]:
             t.add_row(*self._cells(r))

@@ -334,27 +334,38 @@ class ScalarMix(nn.Module):
 
 
 class LinearProbe(nn.Module):
-    """Linear probe on one layer: z[..., layer, :] (B, D) or (B, T, D) -> Linear(D, C)."""
+    """Linear probe on one layer, or on all layers concatenated (``layer=None``, "concat-probe"):
+    z[..., layer, :] (B, D) or (B, T, D), or z flattened over layers (..., L*D) -> Linear -> C.
 
-    def __init__(self, n_layers: int, in_dim: int, n_classes: int, *, task: str, layer: int = -1,
+    ``adl train`` fits it in closed form (``probe.fit_probe``: logistic regression, C chosen on
+    validation); the module is what predicts with the result.
+    """
+
+    def __init__(self, n_layers: int, in_dim: int, n_classes: int, *, task: str, layer: int | None = -1,
                  dropout: float = 0.0):
-        layer = _layer_index(layer, n_layers)
+        layer = None if layer is None else _layer_index(layer, n_layers)
         super().__init__()
-        self.spec = _spec("last-layer" if layer == n_layers - 1 else "linear-probe", locals())
+        name = "concat-probe" if layer is None else "last-layer" if layer == n_layers - 1 else "linear-probe"
+        self.spec = _spec(name, locals())
         _check_task(task)
         self.task, self.layer = task, layer
-        self.register_buffer("one_hot", F.one_hot(torch.tensor(layer), n_layers).float(), persistent=False)
+        w = torch.full((n_layers,), 1.0 / n_layers) if layer is None else F.one_hot(torch.tensor(layer), n_layers).float()
+        self.register_buffer("layer_weights", w, persistent=False)
         self.dropout = nn.Dropout(dropout)
-        self.out = nn.Linear(in_dim, n_classes)
+        self.out = nn.Linear(in_dim * (n_layers if layer is None else 1), n_classes)
 
     def weights(self) -> Tensor:
-        return self.one_hot
+        return self.layer_weights
 
     def entropy(self) -> Tensor:
-        return self.one_hot.new_zeros(())
+        return self.layer_weights.new_zeros(())
+
+    def inputs(self, x: Tensor) -> Tensor:
+        """(..., L, D) task inputs -> the probe's features: (..., D) or (..., L*D)."""
+        return x.flatten(-2) if self.layer is None else x[..., self.layer, :]
 
     def forward(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
-        return self.out(self.dropout(_task_input(z, mask, self.task)[..., self.layer, :]))
+        return self.out(self.dropout(self.inputs(_task_input(z, mask, self.task))))
 
 
 class Head2Toe(nn.Module):
@@ -410,10 +421,11 @@ class Head2Toe(nn.Module):
 
 
 _CLASSES = {"adalayers": AdaLayersHead, "single-layer": AdaLayersHead, "adalayers-pooled": PooledHead,
-            "last-layer": LinearProbe, "linear-probe": LinearProbe, "scalar-mix": ScalarMix, "head2toe": Head2Toe}
+            "last-layer": LinearProbe, "linear-probe": LinearProbe, "concat-probe": LinearProbe,
+            "scalar-mix": ScalarMix, "head2toe": Head2Toe}
 HEAD_NAMES = tuple(_CLASSES)
 _SHAPE_ARGS = ("n_layers", "in_dim", "n_classes", "task")
-_SET_BY_NAME = {"single-layer": "fixed_layer", "last-layer": "layer"}  # the factory sets these itself
+_SET_BY_NAME = {"single-layer": "fixed_layer", "last-layer": "layer", "concat-probe": "layer"}  # set by the factory
 
 
 def head_hparams(name: str) -> tuple[str, ...]:
@@ -442,6 +454,8 @@ def build_head(name: str, *, n_layers: int, in_dim: int, n_classes: int, task: s
         hparams["fixed_layer"] = hparams.pop("layer")
     if name == "last-layer":
         hparams["layer"] = n_layers - 1
+    if name == "concat-probe":
+        hparams["layer"] = None
     return _CLASSES[name](n_layers, in_dim, n_classes, task=task, **hparams)
 
 

@@ -42,7 +42,8 @@ from adl.train.data import load_data
 from adl.train.head_io import make_head, save_head
 from adl.train.metrics import selection_metric
 from adl.train.plots import plot_final_weights, plot_weight_history
-from adl.train.trainer import FitResult, TrainingDiverged, fit
+from adl.train.probe import fit_head
+from adl.train.trainer import FitResult, TrainingDiverged
 
 RUN_FILES = frozenset({"config.json", "metrics.json", "history.csv", "head.safetensors", "head.json",
                        "cache_manifest.json", "projection.safetensors", "layer_weights.png",
@@ -150,7 +151,7 @@ def run_train(cfg: TrainConfig, *, console: Console | None = None) -> dict:
 
     try:
         with table:
-            result = fit(head, data, cfg, on_epoch=on_epoch,
+            result = fit_head(head, data, cfg, on_epoch=on_epoch,
                          on_best=lambda i, epoch: save_head(out, head, {**info, "epoch": epoch}))
     except TrainingDiverged as e:
         where = f" in {out}/head.safetensors (the unfinished run)" if e.best_epoch else ""

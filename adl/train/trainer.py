@@ -38,7 +38,12 @@ from torch import Tensor, nn
 
 from adl.errors import AdlError
 from adl.train.data import SplitData, TrainData
-from adl.train.metrics import selection_metric, sequence_metrics, token_metrics, words_from_tokens
+from adl.train.metrics import (
+    selection_metric,
+    sequence_metrics,
+    token_metrics,
+    words_from_tokens,
+)
 
 NO_DECAY = ("mix.p",)  # layer logits kept out of weight decay (plus scalar-mix's top-level "s")
 
