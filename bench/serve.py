@@ -1,0 +1,233 @@
+"""`adl serve` under load, measured (not a test): real tweets on loopback against the offline Predictor.
+
+    .venv/bin/python bench/serve.py [--work /tmp/serve-bench] [--n 256] [--requests 256] [--screenshot docs/serve-page.png]
+
+Set-up (skipped when --work already holds it), the commands a user would type:
+
+    adl extract --model minilm --dataset tweets --limit 1000 --out WORK/c-tweets
+    adl train --cache WORK/c-tweets --max-epochs 3 --out WORK/runs/sentiment
+
+Measured in one run, on the same --n real test tweets:
+(a) the offline Predictor's batched throughput: p(texts) in its own length-bucketed batches,
+    the best of --repeats passes, measured before and after the server's levels (the best of
+    both is kept, so a burst of load from elsewhere does not favour the server) (texts/s);
+(b) the bare single-text forward: the backbone alone (no heads, no tokenising) on one tweet at
+    a time, median over the tweets (ms);
+(c) the server (`adl serve --run WORK/runs/sentiment`, default flags) driven by a closed-loop
+    asyncio + httpx load generator at concurrency 1, 8 and 32, one text per request, --requests
+    requests per level after 16 warm-up requests: requests/s and p50/p95/p99 latency.
+Targets: (c) at concurrency 32 >= 0.8 x (a); p50 of (c) at concurrency 1 <= (b) + 10 ms. The load
+generator shares the machine's cores with the server, as a client on the same host would.
+
+--screenshot PATH also serves WORK/runs/ner when present (adl extract --dataset wnut16 ... and
+adl train into WORK/runs/ner) and saves the page at / after it has run one tweet, through
+Debian's chromium (playwright, /usr/bin/chromium). Results go to bench/results/serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from adl.extract.datasets import load_dataset
+from adl.serve import Predictor
+
+ROOT = Path(__file__).resolve().parents[1]
+ADL = [sys.executable, "-m", "adl"]
+LEVELS = (1, 8, 32)
+
+
+def setup(work: Path) -> None:
+    if not (work / "c-tweets" / "manifest.json").is_file():
+        subprocess.run([*ADL, "extract", "--model", "minilm", "--dataset", "tweets", "--limit", "1000",
+                        "--out", str(work / "c-tweets"), "--overwrite"], check=True)
+    if not (work / "runs" / "sentiment" / "metrics.json").is_file():
+        subprocess.run([*ADL, "train", "--cache", str(work / "c-tweets"), "--max-epochs", "3",
+                        "--out", str(work / "runs" / "sentiment"), "--overwrite"], check=True)
+
+
+def tweets(n: int) -> list[str]:
+    return [t for t in load_dataset("tweets", seed=42).splits["test"].texts if t.strip()][:n]
+
+
+def offline(run: Path, texts: list[str], repeats: int) -> dict:
+    """(a) batched throughput of the Predictor and (b) the bare backbone on one text at a time."""
+    p = Predictor([run], device="cpu")
+    p(texts[:32])  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        p(texts)
+        best = min(best, time.perf_counter() - t)
+    tok, model = p.tokenizer("sequence"), p.backbone.model
+    encoded = [tok(t, truncation=True, max_length=p.max_length, return_tensors="pt") for t in texts]
+    single = []
+    with torch.inference_mode():
+        model(**encoded[0])
+        for enc in encoded:
+            t = time.perf_counter()
+            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            single.append(time.perf_counter() - t)
+    one_call = []
+    for text in texts[:64]:
+        t = time.perf_counter()
+        p([text])
+        one_call.append(time.perf_counter() - t)
+    return {"batched_texts_per_s": len(texts) / best, "batched_seconds": best,
+            "bare_single_forward_ms": 1000 * statistics.median(single),
+            "predictor_single_call_ms": 1000 * statistics.median(one_call)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(runs: list[Path], *flags: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    argv = [*ADL, "serve", *[a for r in runs for a in ("--run", str(r))], "--port", str(port), *flags]
+    proc = subprocess.Popen(argv, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/healthz").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("the server did not come up")
+
+
+def stop_server(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=120)
+
+
+async def load(url: str, texts: list[str], concurrency: int, requests: int) -> dict:
+    """Closed loop: ``concurrency`` clients, each sends its next tweet as soon as its answer is back."""
+    todo = iter(range(requests))
+    latencies: list[float] = []
+
+    async def client(http: httpx.AsyncClient):
+        for i in todo:
+            t = time.perf_counter()
+            r = await http.post("/v1/predict", json={"texts": [texts[i % len(texts)]]})
+            r.raise_for_status()
+            latencies.append(time.perf_counter() - t)
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        todo = iter(range(16))
+        await asyncio.gather(*(client(http) for _ in range(min(concurrency, 16))))  # warm-up
+        latencies.clear()
+        todo = iter(range(requests))
+        t = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        wall = time.perf_counter() - t
+    q = statistics.quantiles(latencies, n=100, method="inclusive")
+    return {"concurrency": concurrency, "requests": len(latencies), "requests_per_s": len(latencies) / wall,
+            "p50_ms": 1000 * q[49], "p95_ms": 1000 * q[94], "p99_ms": 1000 * q[98]}
+
+
+def batch_sizes(url: str) -> dict:
+    text = httpx.get(url + "/metrics").text
+    get = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+           if line.startswith(("adl_batch_texts_sum", "adl_batch_texts_count"))}
+    return {"batches": int(get["adl_batch_texts_count"]),
+            "mean_texts_per_batch": get["adl_batch_texts_sum"] / max(get["adl_batch_texts_count"], 1)}
+
+
+def screenshot(work: Path, path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    runs = [r for r in (work / "runs" / "sentiment", work / "runs" / "ner") if (r / "metrics.json").is_file()]
+    proc, url = start_server(runs)
+    text = "Just watched the new Batman movie with Sarah in London, absolutely loved it!"
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=[
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"])
+            page = browser.new_page(viewport={"width": 1000, "height": 640}, device_scale_factor=1)
+            page.goto(url + "/?" + str(httpx.QueryParams({"text": text})))
+            page.wait_for_selector("body[data-state=done]", timeout=120_000)
+            page.screenshot(path=str(path), full_page=True)
+            browser.close()
+    finally:
+        stop_server(proc)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default="/tmp/serve-bench")
+    ap.add_argument("--n", type=int, default=256, help="distinct real tweets")
+    ap.add_argument("--requests", type=int, default=256, help="timed requests per concurrency level")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--screenshot", default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(args.work)
+    setup(work)
+    run = work / "runs" / "sentiment"
+    texts = tweets(args.n)
+    t0, load_avg = time.perf_counter(), [os.getloadavg()[0]]
+    before = offline(run, texts, args.repeats)
+    print(json.dumps(before))
+    proc, url = start_server([run])
+    try:
+        levels = []
+        for c in LEVELS:
+            counted = batch_sizes(url)
+            levels.append({**asyncio.run(load(url, texts, c, args.requests)), **_delta(counted, batch_sizes(url))})
+            print(json.dumps(levels[-1]))
+    finally:
+        code = stop_server(proc)
+    load_avg.append(os.getloadavg()[0])
+    after = offline(run, texts, args.repeats)  # again, so a burst of load from elsewhere hits both sides
+    print(json.dumps(after))
+    load_avg.append(os.getloadavg()[0])
+    off = {k: (max if k.endswith("per_s") else min)(before[k], after[k]) for k in before}
+    by = {lv["concurrency"]: lv for lv in levels}
+    result = {
+        "offline": off, "server": levels, "server_exit_code": code,
+        "throughput_c32_over_offline": by[32]["requests_per_s"] / off["batched_texts_per_s"],
+        "p50_c1_minus_bare_single_ms": by[1]["p50_ms"] - off["bare_single_forward_ms"],
+        "targets": {"throughput_c32_over_offline": ">= 0.8", "p50_c1_minus_bare_single_ms": "<= 10"},
+        "n_texts": len(texts), "requests_per_level": args.requests, "seconds": time.perf_counter() - t0,
+        "offline_before_and_after": [before, after], "load_average_1min": load_avg,
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "python": platform.python_version(), "torch": torch.__version__},
+        "command": "bench/serve.py " + " ".join(sys.argv[1:]),
+    }
+    if args.screenshot:
+        screenshot(work, Path(args.screenshot))
+    out = ROOT / "bench" / "results" / "serve.json"
+    out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    print(f"throughput at 32 / offline batched: {result['throughput_c32_over_offline']:.2f}x (target >= 0.8)")
+    print(f"p50 at 1 - bare single forward: {result['p50_c1_minus_bare_single_ms']:+.1f} ms (target <= +10)")
+    print(f"wrote {out}")
+
+
+def _delta(before: dict, after: dict) -> dict:
+    n = after["batches"] - before["batches"]
+    texts = after["mean_texts_per_batch"] * after["batches"] - before["mean_texts_per_batch"] * before["batches"]
+    return {"batches": n, "mean_texts_per_batch": texts / max(n, 1)}
+
+
+if __name__ == "__main__":
+    main()
