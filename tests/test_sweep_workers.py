@@ -79,13 +79,14 @@ def test_a_worker_killed_mid_sweep_loses_no_point(tmp_path):
             trials = optuna.load_study(study_name="kill", storage=storage).get_trials()
         except KeyError:  # the study does not exist yet
             trials = []
-        if any(t.state.name == "RUNNING" and "adl_worker" in t.user_attrs for t in trials):
+        if any(t.state.name == "RUNNING" and t.user_attrs.get("adl_worker", "").endswith(f":{victim.pid}")
+               for t in trials):
             break
         time.sleep(0.2)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     held = [t.number for t in optuna.load_study(study_name="kill", storage=storage).get_trials()
-            if t.state.name == "RUNNING"]
+            if t.state.name == "RUNNING" and t.user_attrs.get("adl_worker", "").endswith(f":{victim.pid}")]
     assert held, "the victim was killed before it claimed a trial"
     output = survivor.communicate(timeout=300)[0]  # it finishes the sweep alone, the victim's points included
     assert survivor.returncode == 0, output
