@@ -21,6 +21,9 @@ from adl.cache.summary import summary
 from adl.errors import AdlError
 from adl.extract.config import ExtractConfig
 from adl.extract.run import run_extract
+from adl.peers.compare import CompareConfig, run_compare
+from adl.peers.config import FinetuneConfig
+from adl.peers.run import run_finetune
 from adl.serve.predict import PredictConfig, run_predict
 from adl.serve.server import ServeConfig, run_serve
 from adl.sweep.config import NOT_SWEPT, SWEEPABLE, SweepConfig, field_type, parse_space
@@ -297,6 +300,53 @@ def serve(
     """
     given = {k: v for k, v in locals().items() if v is not None and k != "run"}
     run_serve(ServeConfig(runs=tuple(run), **given))
+
+
+# ---- peers: finetune, compare ----------------------------------------------------------
+# Flags map 1:1 onto FinetuneConfig fields; unset options come from the method's published defaults.
+
+
+@app.command()
+@user_errors
+def finetune(
+    cache: Annotated[str, _O("--cache", help="cache folder: fixes the backbone, data set, splits, max_length, task")],
+    method: Annotated[str, _O("--method", help="full | bitfit | lora | prompt | ptuning-bias | setfit")],
+    out: Annotated[Optional[str], _O("--out", help="run folder (default runs/<cache>-<method>-<time>)")] = None,
+    lr: Annotated[Optional[float], _O("--lr", help="learning rate (default: the method's published one)")] = None,
+    weight_decay: Annotated[Optional[float], _O("--weight-decay", help="AdamW weight decay")] = None,
+    batch_size: Annotated[Optional[int], _O("--batch-size", help="examples per step (default 32; setfit 16)")] = None,
+    max_epochs: Annotated[Optional[int], _O("--max-epochs", help="epochs at most (setfit: its epochs)")] = None,
+    patience: Annotated[Optional[int], _O("--patience", help="epochs without a better validation score before "
+                                          "stopping")] = None,
+    max_steps: Annotated[Optional[int], _O("--max-steps", help="optimiser steps per epoch at most (setfit: in "
+                                           "total)")] = None,
+    seed: Annotated[Optional[int], _O("--seed", help="seed of the head, shuffling and dropout (default 0)")] = None,
+    dropout: Annotated[Optional[float], _O("--dropout", help="dropout before the task head (default 0.1)")] = None,
+    lora_r: Annotated[Optional[int], _O("--lora-r", help="lora: rank (default 8)")] = None,
+    lora_alpha: Annotated[Optional[float], _O("--lora-alpha", help="lora: scaling alpha (default 8)")] = None,
+    lora_dropout: Annotated[Optional[float], _O("--lora-dropout", help="lora: dropout (default 0.1)")] = None,
+    virtual_tokens: Annotated[Optional[int], _O("--virtual-tokens", help="prompt, ptuning-bias: prompt tokens "
+                                                "(default 20)")] = None,
+    encoder_hidden: Annotated[Optional[int], _O("--encoder-hidden", help="ptuning-bias: prompt encoder width "
+                                                "(default 128)")] = None,
+    setfit_iterations: Annotated[Optional[int], _O("--setfit-iterations", help="setfit: pairs per example "
+                                                   "(default 20)")] = None,
+    device: Annotated[Optional[str], _O("--device", help="auto (default) | cpu | cuda")] = None,
+    overwrite: Annotated[bool, _O("--overwrite", help="replace an existing run folder")] = False,
+) -> None:
+    """Train a peer (full fine-tuning, BitFit, LoRA, prompt tuning, P-tuning + bias, SetFit) on a cache's examples."""
+    given = {k: v for k, v in locals().items() if v is not None and v is not False}
+    run_finetune(FinetuneConfig(**given))
+
+
+@app.command()
+@user_errors
+def compare(
+    paths: Annotated[list[str], typer.Argument(help="run folders (adl train, adl finetune) and sweep folders")],
+    out: Annotated[Optional[str], _O("--out", help="folder for compare.md/.csv and the plots (default compare)")] = None,
+) -> None:
+    """Compare adl runs, adl sweeps and peer runs on one data set: table, quality vs parameters and vs time."""
+    run_compare(CompareConfig(paths=tuple(paths), **({"out": out} if out else {})))
 
 
 def main() -> None:

@@ -1,0 +1,102 @@
+"""adl's heads against the peers that tune the backbone, on the real all-MiniLM-L6-v2.
+
+Per data set (tweets sentiment, WNUT-16 NER): one cache (``adl extract --limit``), adl's preset
+head and the best point of a small sweep, then every peer (``adl finetune``) for each seed,
+then ``adl compare``. Everything goes through the CLI, as a user would run it.
+
+    .venv/bin/python bench/peers.py                       # the full plan (3 seeds, every method)
+    .venv/bin/python bench/peers.py --seeds 0 --limit 200 --methods full,lora
+
+Writes bench/results/peers.json (settings, every run's metrics, the compare rows) and prints
+the markdown tables. On 2 shared CPU cores the budget flags decide the wall time: a peer pays
+the backbone forward and backward on every training example of every epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ADL = str(ROOT / ".venv" / "bin" / "adl")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+SWEEP = {"tweets": ["--alpha", "16,70", "--k", "32,64"], "wnut16": ["--alpha", "32,128", "--k", "64,128"]}
+
+
+def adl(*args) -> None:
+    cmd = [ADL, *map(str, args)]
+    print("$", " ".join(cmd[1:]), flush=True)
+    res = subprocess.run(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail = "\n".join(res.stdout.strip().splitlines()[-2:])
+    print(tail, flush=True)
+    if res.returncode:
+        raise SystemExit(f"failed ({res.returncode}): {' '.join(cmd)}\n{res.stdout[-2000:]}")
+
+
+def bench_dataset(name: str, a, work: Path) -> dict:
+    cache, runs = work / f"cache-{name}", []
+    if not (cache / "manifest.json").is_file():
+        adl("extract", "--model", "minilm", "--dataset", name, "--limit", a.limit, "--out", cache, "--overwrite")
+    for seed in a.seeds:
+        runs.append(work / name / f"adl-preset-{seed}")
+        adl("train", "--cache", cache, "--seed", seed, "--max-epochs", a.adl_epochs, "--out", runs[-1], "--overwrite")
+    if a.sweep:
+        sweep = work / name / "sweep"
+        adl("sweep", "--cache", cache, *SWEEP[name], "--seeds", len(a.seeds), "--max-epochs",
+            a.adl_epochs, "--baselines", "off", "--out", sweep)
+        runs.append(sweep)
+    for method in a.methods:
+        if method == "setfit" and name != "tweets":
+            continue
+        for seed in a.seeds:
+            runs.append(work / name / f"{method}-{seed}")
+            budget = (["--max-steps", a.setfit_steps] if method == "setfit"
+                      else ["--max-epochs", a.peer_epochs, "--patience", 1])
+            adl("finetune", "--cache", cache, "--method", method, "--seed", seed, *budget, "--out", runs[-1],
+                "--overwrite")
+    out = work / name / "compare"
+    adl("compare", *runs, "--out", out)
+    with open(out / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
+    man = json.loads((cache / "manifest.json").read_text())
+    detail = {str(r): json.loads((r / "metrics.json").read_text()) for r in runs if (r / "metrics.json").is_file()}
+    return {"splits": {k: v["n"] for k, v in man["splits"].items()}, "extraction_seconds": man["extraction_seconds"],
+            "rows": rows, "markdown": (out / "compare.md").read_text(), "runs": detail}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", default="tweets,wnut16")
+    p.add_argument("--methods", default="full,bitfit,lora,ptuning-bias,setfit")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--limit", type=int, default=400, help="examples per split (adl extract --limit)")
+    p.add_argument("--adl-epochs", type=int, default=30)
+    p.add_argument("--peer-epochs", type=int, default=3)
+    p.add_argument("--setfit-steps", type=int, default=100)
+    p.add_argument("--no-sweep", dest="sweep", action="store_false")
+    p.add_argument("--work", default="/tmp/adl-bench-peers")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "peers.json"))
+    a = p.parse_args()
+    a.methods, a.seeds = a.methods.split(","), [int(s) for s in a.seeds.split(",")]
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    start, results = time.perf_counter(), {}
+    for name in a.datasets.split(","):
+        results[name] = bench_dataset(name, a, work)
+    doc = {"settings": {k: v for k, v in vars(a).items() if k not in ("out", "work")},
+           "machine": {"cpus": os.cpu_count(), "load_avg_end": os.getloadavg()},
+           "wall_seconds": round(time.perf_counter() - start, 1), "command": " ".join(sys.argv), "results": results}
+    Path(a.out).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    for name, r in results.items():
+        print(f"\n{name} (splits {r['splits']})\n{r['markdown']}")
+    print(f"wrote {a.out} ({doc['wall_seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
