@@ -15,8 +15,9 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from adl.cache import open_cache
+from adl.cache import open_cache, verify_cache
 from adl.cache.summary import summary
 from adl.errors import AdlError
 from adl.extract.config import ExtractConfig
@@ -50,7 +51,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except AdlError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]: finished work is saved; rerun the same command to resume")
@@ -112,8 +113,19 @@ def extract(
 def info(
     path: Annotated[str, typer.Argument(help="cache folder")],
     json_: Annotated[bool, _O("--json", help="print the manifest as JSON")] = False,
+    check: Annotated[bool, _O("--check", help="recompute every checksum and name what is damaged (exit 2)")] = False,
 ) -> None:
-    """Summarise a cache: model, task, splits, views, shapes and bytes on disk."""
+    """Summarise a cache: model, task, splits, views, shapes and bytes on disk; --check verifies it."""
+    if check:
+        problems = verify_cache(path)
+        if problems:
+            err.print(f"[bold red]error:[/] {escape(path)} is damaged ({len(problems)} problem(s)); re-extract it "
+                      "(`adl extract ... --overwrite`)", highlight=False, soft_wrap=True)
+            for problem in problems:
+                err.print(f"  {escape(problem)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+        Console().print(f"{escape(path)} verified: the checksums of every shard match", highlight=False)
+        return
     with open_cache(path) as cache:
         if json_:
             typer.echo(json.dumps(cache.manifest, indent=2, sort_keys=True))

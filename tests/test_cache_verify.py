@@ -122,3 +122,17 @@ def test_a_train_split_with_one_class_is_refused_at_training(tmp_path):
     root = write_synthetic_cache(tmp_path / "c", n_classes=1)
     with pytest.raises(AdlError, match=r"fewer than two classes \(class0: 96\)"):
         load_data(open_cache(root), "pooled:mean", device="cpu", seed=0, memory_gb=1.0)
+
+
+def test_adl_info_check_names_the_damage_and_exits_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from adl.cli import app
+
+    root = write_synthetic_cache(tmp_path / "c", n=(96, 48, 48))
+    ok = CliRunner().invoke(app, ["info", str(root), "--check"])
+    assert ok.exit_code == 0 and "verified" in ok.output
+    chunk(root, "train/tokens", 1).unlink()
+    bad = CliRunner().invoke(app, ["info", str(root), "--check"])
+    assert bad.exit_code == 2 and "is damaged (1 problem(s))" in bad.output
+    assert f"{SHARD} train/tokens: chunk 1" in bad.output and "Traceback" not in bad.output
