@@ -29,14 +29,18 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 SWEEP = {"tweets": ["--alpha", "16,70", "--k", "32,64"], "wnut16": ["--alpha", "32,128", "--k", "64,128"]}
 
 
-def adl(*args) -> None:
+FAILED: list[str] = []
+
+
+def adl(*args) -> bool:
+    """Run one adl command; a failure is recorded (and its run left out), not fatal."""
     cmd = [ADL, *map(str, args)]
     print("$", " ".join(cmd[1:]), flush=True)
     res = subprocess.run(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    tail = "\n".join(res.stdout.strip().splitlines()[-2:])
-    print(tail, flush=True)
+    print("\n".join(res.stdout.strip().splitlines()[-2:]), flush=True)
     if res.returncode:
-        raise SystemExit(f"failed ({res.returncode}): {' '.join(cmd)}\n{res.stdout[-2000:]}")
+        FAILED.append(f"{' '.join(cmd[1:])}: {res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ''}")
+    return res.returncode == 0
 
 
 def bench_dataset(name: str, a, work: Path) -> dict:
@@ -44,22 +48,28 @@ def bench_dataset(name: str, a, work: Path) -> dict:
     if not (cache / "manifest.json").is_file():
         adl("extract", "--model", "minilm", "--dataset", name, "--limit", a.limit, "--out", cache, "--overwrite")
     for seed in a.seeds:
-        runs.append(work / name / f"adl-preset-{seed}")
-        adl("train", "--cache", cache, "--seed", seed, "--max-epochs", a.adl_epochs, "--out", runs[-1], "--overwrite")
+        run = work / name / f"adl-preset-{seed}"
+        if (run / "metrics.json").is_file() or adl("train", "--cache", cache, "--seed", seed, "--max-epochs",
+                                                   a.adl_epochs, "--out", run, "--overwrite"):
+            runs.append(run)
     if a.sweep:
         sweep = work / name / "sweep"
-        adl("sweep", "--cache", cache, *SWEEP[name], "--seeds", len(a.seeds), "--max-epochs",
-            a.adl_epochs, "--baselines", "off", "--out", sweep)
-        runs.append(sweep)
-    for method in a.methods:
-        if method == "setfit" and name != "tweets":
-            continue
-        for seed in a.seeds:
-            runs.append(work / name / f"{method}-{seed}")
+        if (sweep / "best.json").is_file() or adl("sweep", "--cache", cache, *SWEEP[name], "--seeds", len(a.seeds),
+                                                  "--max-epochs", a.adl_epochs, "--baselines", "off", "--out", sweep):
+            runs.append(sweep)
+    for seed in a.peer_seeds:  # seed-major: an interrupted bench still has every method once
+        for method in a.methods:
+            if method == "setfit" and name != "tweets":
+                continue
+            run = work / name / f"{method}-{seed}"
+            if (run / "metrics.json").is_file():  # measured by an earlier invocation with the same --work
+                runs.append(run)
+                continue
             budget = (["--max-steps", a.setfit_steps] if method == "setfit"
                       else ["--max-epochs", a.peer_epochs, "--patience", 1])
-            adl("finetune", "--cache", cache, "--method", method, "--seed", seed, *budget, "--out", runs[-1],
-                "--overwrite")
+            if adl("finetune", "--cache", cache, "--method", method, "--seed", seed, *budget, "--out", run,
+                   "--overwrite"):
+                runs.append(run)
     out = work / name / "compare"
     adl("compare", *runs, "--out", out)
     with open(out / "compare.csv") as f:
@@ -74,7 +84,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="tweets,wnut16")
     p.add_argument("--methods", default="full,bitfit,lora,ptuning-bias,setfit")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", default="0,1,2", help="seeds of adl's heads (and of the peers, by default)")
+    p.add_argument("--peer-seeds", default=None, help="seeds of the peers (default --seeds)")
     p.add_argument("--limit", type=int, default=400, help="examples per split (adl extract --limit)")
     p.add_argument("--adl-epochs", type=int, default=30)
     p.add_argument("--peer-epochs", type=int, default=3)
@@ -84,6 +95,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "peers.json"))
     a = p.parse_args()
     a.methods, a.seeds = a.methods.split(","), [int(s) for s in a.seeds.split(",")]
+    a.peer_seeds = [int(s) for s in a.peer_seeds.split(",")] if a.peer_seeds else a.seeds
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     start, results = time.perf_counter(), {}
@@ -91,7 +103,8 @@ def main() -> None:
         results[name] = bench_dataset(name, a, work)
     doc = {"settings": {k: v for k, v in vars(a).items() if k not in ("out", "work")},
            "machine": {"cpus": os.cpu_count(), "load_avg_end": os.getloadavg()},
-           "wall_seconds": round(time.perf_counter() - start, 1), "command": " ".join(sys.argv), "results": results}
+           "wall_seconds": round(time.perf_counter() - start, 1), "command": " ".join(sys.argv), "results": results,
+           "failed": FAILED}
     Path(a.out).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     for name, r in results.items():
         print(f"\n{name} (splits {r['splits']})\n{r['markdown']}")

@@ -178,3 +178,33 @@ def test_compare_refuses_other_data(assets, tmp_path):
     assert invoke("finetune", "--cache", assets["ner"], "--method", "bitfit", "--out", b, *FAST).exit_code == 0
     res = invoke("compare", a, b, "--out", tmp_path / "cmp")
     assert res.exit_code == 2 and "on data set" in res.output and len(res.output.strip().splitlines()) <= 2
+
+
+def test_setfit_trains_on_a_tiny_body(assets, tmp_path):
+    pytest.importorskip("setfit")
+    out = tmp_path / "setfit"
+    res = invoke("finetune", "--cache", assets["seq"], "--method", "setfit", "--max-steps", "2", "--batch-size", "4",
+                 "--out", out)
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["method"] == "setfit" and 0 <= doc["test"]["accuracy"] <= 1
+    n = open_cache(assets["seq"]).manifest["splits"]
+    # two steps of four pairs (eight texts) with backward; then train (the head's fit), validation, test embedded
+    assert doc["forwards"]["backward_examples"] == 2 * 4 * 2
+    assert doc["forwards"]["examples"] == 16 + n["train"]["n"] + n["validation"]["n"] + n["test"]["n"]
+
+
+def test_compare_reads_a_sweep(assets, tmp_path):
+    sweep = tmp_path / "sweep"
+    res = invoke("sweep", "--cache", assets["seq"], "--k", "4,8", "--heads", "2", "--max-epochs", "2", "--seeds", "2",
+                 "--baselines", "off", "--out", sweep)
+    assert res.exit_code == 0, res.output
+    peer = tmp_path / "lora"
+    assert invoke("finetune", "--cache", assets["seq"], "--method", "lora", "--out", peer, *FAST).exit_code == 0
+    res = invoke("compare", sweep, peer, "--out", tmp_path / "cmp")
+    assert res.exit_code == 0, res.output
+    with open(tmp_path / "cmp" / "compare.csv") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    best = json.loads((sweep / "best.json").read_text())["best"]
+    row = rows["adl sweep best (adalayers-pooled)"]
+    assert row["seeds"] == "2" and float(row["mean"]) == pytest.approx(best["test"])

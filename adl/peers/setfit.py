@@ -3,7 +3,7 @@ training texts, then a logistic-regression head on its embeddings (Tunstall et a
 
 SetFit trains for its fixed budget (``num_epochs`` over ``num_iterations`` pairs per example,
 or ``max_steps``) and selects nothing on validation: validation is scored once, like test.
-Backbone passes are counted by a forward pre-hook on the body's transformer.
+Backbone passes are counted by a forward pre-hook on the body's input embedding layer.
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ def fit_setfit(model_id: str, data: PeerData, cfg, *, on_epoch=None) -> PeerResu
     model = setfit.SetFitModel.from_pretrained(model_id)
     model.model_body.max_seq_length = data.max_length
     forwards, training = Forwards(), [False]
-    transformer = model.model_body[0].auto_model
+    # sentence-transformers calls the transformer's forward() directly (no hooks run there), but
+    # the transformer calls its input embedding layer as a module: count the rows it embeds
+    embeddings = model.model_body[0].auto_model.get_input_embeddings()
 
-    def count(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is not None:
-            forwards.add(int(ids.shape[0]), backward=training[0] and torch.is_grad_enabled())
+    def count(module, args):
+        forwards.add(int(args[0].shape[0]), backward=training[0] and torch.is_grad_enabled())
 
-    hook = transformer.register_forward_pre_hook(count, with_kwargs=True)
+    hook = embeddings.register_forward_pre_hook(count)
     train, metric = data.splits["train"], selection_metric(data.task)
     args = setfit.TrainingArguments(batch_size=cfg.batch_size, num_epochs=cfg.max_epochs,
                                     num_iterations=cfg.setfit_iterations, body_learning_rate=cfg.lr,
