@@ -23,7 +23,9 @@ The cache is built first if missing (`adl extract --model minilm --dataset tweet
     the same stored map to every batch.
 
 Timings are wall time on whatever cores torch uses, best of --repeats alternated runs (the
-machine may be shared: the numbers are indicative; the load average is recorded). Results
+machine may be shared: the numbers are indicative; the load average is recorded). Part 1 also
+records the process's CPU time, which other processes' load barely moves (use --threads 1 for
+it: idle OpenMP threads spin and count as CPU time). Results
 go to bench/results/sweep.json.
 """
 
@@ -108,20 +110,23 @@ def vectorised_vs_sequential(cache, kind: str, epochs: int, repeats: int) -> dic
     fit(build(cfgs[0], data, cache), data, dataclasses.replace(cfgs[0], max_epochs=1))  # warm-up
     fit_group([build(c, data, cache) for c in cfgs[:2]], data, [dataclasses.replace(c, max_epochs=1)
                                                                 for c in cfgs[:2]])
-    sequential = vectorised = math.inf
+    sequential = vectorised = seq_cpu = grp_cpu = math.inf
     for _ in range(repeats):  # alternated, best of each: the machine is shared
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         seq = [fit(build(c, data, cache), data, c) for c in cfgs]
-        sequential = min(sequential, time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        sequential, seq_cpu = min(sequential, time.perf_counter() - t0), min(seq_cpu, time.process_time() - c0)
+        t0, c0 = time.perf_counter(), time.process_time()
         grp = fit_group([build(c, data, cache) for c in cfgs], data, cfgs)
-        vectorised = min(vectorised, time.perf_counter() - t0)
+        vectorised, grp_cpu = min(vectorised, time.perf_counter() - t0), min(grp_cpu, time.process_time() - c0)
     gap = max(abs(a.validation[a.metric] - b.validation[b.metric]) for a, b in zip(seq, grp))
     row = {"head": head, "view": view, "configs": len(cfgs), "epochs": epochs, "sequential_s": round(sequential, 2),
            "vectorised_s": round(vectorised, 2), "ratio": round(sequential / vectorised, 2),
+           "sequential_cpu_s": round(seq_cpu, 2), "vectorised_cpu_s": round(grp_cpu, 2),
+           "cpu_ratio": round(seq_cpu / grp_cpu, 2), "threads": torch.get_num_threads(),
            "max_val_metric_gap": gap, "train_examples": data.train.n, "repeats": repeats}
     print(f"(1) {head:<17} 16 configs x {epochs} epochs: one by one {sequential:7.1f}s, vectorised "
-          f"{vectorised:7.1f}s -> {sequential / vectorised:.2f}x (max |val gap| {gap:.4f})", flush=True)
+          f"{vectorised:7.1f}s -> {sequential / vectorised:.2f}x; CPU time {seq_cpu:.1f}s vs {grp_cpu:.1f}s -> "
+          f"{seq_cpu / grp_cpu:.2f}x (max |val gap| {gap:.4f})", flush=True)
     return row
 
 
