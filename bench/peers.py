@@ -47,10 +47,16 @@ def bench_dataset(name: str, a, work: Path) -> dict:
     cache, runs = work / f"cache-{name}", []
     if not (cache / "manifest.json").is_file():
         adl("extract", "--model", "minilm", "--dataset", name, "--limit", a.limit, "--out", cache, "--overwrite")
+    sequence = json.loads((cache / "manifest.json").read_text())["task"] == "sequence"
     for seed in a.seeds:
         run = work / name / f"adl-preset-{seed}"
         if (run / "metrics.json").is_file() or adl("train", "--cache", cache, "--seed", seed, "--max-epochs",
                                                    a.adl_epochs, "--out", run, "--overwrite"):
+            runs.append(run)
+        run = work / name / f"adl-pooled-{seed}"  # the cheap head: pooled states, no attention over tokens
+        if sequence and ((run / "metrics.json").is_file() or adl(
+                "train", "--cache", cache, "--head", "adalayers-pooled", "--seed", seed, "--max-epochs", a.adl_epochs,
+                "--out", run, "--overwrite")):
             runs.append(run)
     if a.sweep:
         sweep = work / name / "sweep"
