@@ -83,7 +83,31 @@ def bench_dataset(name: str, a, work: Path) -> dict:
     man = json.loads((cache / "manifest.json").read_text())
     detail = {str(r): json.loads((r / "metrics.json").read_text()) for r in runs if (r / "metrics.json").is_file()}
     return {"splits": {k: v["n"] for k, v in man["splits"].items()}, "extraction_seconds": man["extraction_seconds"],
-            "rows": rows, "markdown": (out / "compare.md").read_text(), "runs": detail}
+            "rows": rows, "targets": targets(rows), "markdown": (out / "compare.md").read_text(), "runs": detail}
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The issue's three targets for every adl row, against full fine-tuning and the cheapest peer sweep:
+    within 2 points of full fine-tuning; under a tenth of its time (training alone, and with the
+    extraction); the cheapest 10-point sweep by more than 10x."""
+    num = {r["method"]: {k: float(r[k]) for k in ("mean", "seconds", "extraction_seconds", "sweep10_seconds")}
+           for r in rows}
+    full = num.get("full")
+    peers = [v["sweep10_seconds"] for k, v in num.items() if not k.startswith("adl")]
+    out = []
+    for name, v in num.items():
+        if not name.startswith("adl") or full is None:
+            continue
+        gap = 100 * (full["mean"] - v["mean"])
+        time_ratio = v["seconds"] / full["seconds"]
+        with_extraction = (v["seconds"] + v["extraction_seconds"]) / full["seconds"]
+        sweep_ratio = min(peers) / v["sweep10_seconds"] if peers else None
+        out.append({"adl": name, "points_below_full": round(gap, 2), "within_2_points": gap <= 2,
+                    "time_vs_full": round(time_ratio, 3), "time_with_extraction_vs_full": round(with_extraction, 3),
+                    "under_a_tenth": with_extraction < 0.1, "cheapest_peer_sweep_over_adl_sweep":
+                    None if sweep_ratio is None else round(sweep_ratio, 2),
+                    "sweep_10x_cheaper": sweep_ratio is not None and sweep_ratio > 10})
+    return out
 
 
 def main() -> None:
@@ -114,6 +138,8 @@ def main() -> None:
     Path(a.out).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     for name, r in results.items():
         print(f"\n{name} (splits {r['splits']})\n{r['markdown']}")
+        for t in r["targets"]:
+            print(json.dumps(t))
     print(f"wrote {a.out} ({doc['wall_seconds']:.0f} s)")
 
 

@@ -83,7 +83,7 @@ def _manifest(path: Path, folder: Path) -> dict:
 
 def _dataset(man: dict) -> dict:
     d, spec = man["dataset"], man["dataset"].get("spec") or {}
-    source = spec.get("path") or spec.get("hub_id") or spec.get("name") or d["name"]
+    source = d["name"] if spec.get("kind") == "named" else (spec.get("path") or spec.get("hub_id") or d["name"])
     return {"name": d["name"] if source == d["name"] else f"{d['name']} ({source})", "fingerprint": d["fingerprint"], "carving": d.get("carving"),
             "splits": {k: v["n"] for k, v in man["splits"].items()}}
 
