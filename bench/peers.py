@@ -58,7 +58,7 @@ def bench_dataset(name: str, a, work: Path) -> dict:
                 "train", "--cache", cache, "--head", "adalayers-pooled", "--seed", seed, "--max-epochs", a.adl_epochs,
                 "--out", run, "--overwrite")):
             runs.append(run)
-    if a.sweep:
+    if name in a.sweep:
         sweep = work / name / "sweep"
         if (sweep / "best.json").is_file() or adl("sweep", "--cache", cache, *SWEEP[name], "--seeds", len(a.seeds),
                                                   "--max-epochs", a.adl_epochs, "--baselines", "off", "--out", sweep):
@@ -120,7 +120,7 @@ def main() -> None:
     p.add_argument("--adl-epochs", type=int, default=30)
     p.add_argument("--peer-epochs", type=int, default=3)
     p.add_argument("--setfit-steps", type=int, default=100)
-    p.add_argument("--no-sweep", dest="sweep", action="store_false")
+    p.add_argument("--sweep", default="tweets,wnut16", help="data sets that get adl's small sweep")
     p.add_argument("--work", default="/tmp/adl-bench-peers")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "peers.json"))
     a = p.parse_args()
