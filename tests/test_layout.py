@@ -6,7 +6,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent / "adl"
 # what each package may import besides itself (adl, adl.errors and the CLI are shared ground)
 ALLOWED = {"cache": set(), "extract": {"cache"}, "train": {"cache"}, "sweep": {"cache", "train"},
-           "serve": {"cache", "extract", "train"}}
+           "serve": {"cache", "extract", "train"}, "peers": {"cache", "extract", "train"}}
 
 
 def _imports() -> dict[str, set[str]]:

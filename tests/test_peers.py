@@ -7,8 +7,9 @@ import shutil
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from assets import needs
 from tiny_backbones import bart_folder, bert_folder, gpt2_folder, write_conll, write_csv
+from typer.testing import CliRunner
 
 from adl.cache import open_cache
 from adl.cli import app
@@ -180,8 +181,8 @@ def test_compare_refuses_other_data(assets, tmp_path):
     assert res.exit_code == 2 and "on data set" in res.output and len(res.output.strip().splitlines()) <= 2
 
 
+@needs("setfit")
 def test_setfit_trains_on_a_tiny_body(assets, tmp_path):
-    pytest.importorskip("setfit")
     out = tmp_path / "setfit"
     res = invoke("finetune", "--cache", assets["seq"], "--method", "setfit", "--max-steps", "2", "--batch-size", "4",
                  "--out", out)
