@@ -1,6 +1,6 @@
 """A fixed per-layer projection H -> D applied to token states before they are stored.
 
-The head of METHOD.md computes f_i = N(a(Z_i) @ W_i^T) with a = GELU. A stored projection
+The head (docs/method.md) computes f_i = N(a(Z_i) @ W_i^T) with a = GELU. A stored projection
 must therefore act on a(Z_i), not Z_i, so that W_i can be learned on top of it:
 
     stored_i = (gelu(Z_i) - mu_i) @ P_i          Z_i: (n, H), mu_i: (H,), P_i: (H, D)

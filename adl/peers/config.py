@@ -34,7 +34,7 @@ SOURCES = {
     "prompt": "Lester et al. 2021 (prompt tuning): 20 prompt tokens; they used lr 0.3 with Adafactor, adl uses "
               "AdamW at lr 3e-2 (an adaptation, not a published value)",
     "ptuning-bias": "Liu et al. 2021 (P-tuning): 20 virtual tokens from an MLP prompt encoder (PEFT), plus every "
-                    "linear-layer bias (METHOD.md's 'P-tuning + bias'); the biases' lr is BitFit's 1e-3",
+                    "linear-layer bias (the 'P-tuning + bias' of docs/peers.md); the biases' lr is BitFit's 1e-3",
     "setfit": "Tunstall et al. 2022 (SetFit): body lr 2e-5, batch 16, 20 pair iterations, 1 epoch, "
               "logistic-regression head",
 }
