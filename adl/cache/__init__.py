@@ -4,10 +4,23 @@ Read with ``open_cache(path)``; written by ``ShardWriter`` + ``finalize``. See r
 the reading API and writer.py for the on-disk layout.
 """
 
-from adl.cache.manifest import SCHEMA_VERSION, manifest_hash, read_json, read_manifest, write_json
+from adl.cache.durable import write_csv
+from adl.cache.manifest import (
+    SCHEMA_VERSION,
+    manifest_hash,
+    read_json,
+    read_manifest,
+    write_json,
+)
 from adl.cache.reader import Cache, LazyRows, open_cache
 from adl.cache.verify import verify_cache
-from adl.cache.writer import BackgroundWriter, ShardWriter, SplitLayout, finalize, shard_name
+from adl.cache.writer import (
+    BackgroundWriter,
+    ShardWriter,
+    SplitLayout,
+    finalize,
+    shard_name,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -23,5 +36,6 @@ __all__ = [
     "read_manifest",
     "shard_name",
     "verify_cache",
+    "write_csv",
     "write_json",
 ]

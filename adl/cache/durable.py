@@ -8,6 +8,7 @@ new one, never half of one, and a committed record is not lost to the page cache
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import os
@@ -43,6 +44,22 @@ def write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
+    """A CSV table written as ``write_json`` writes (atomic, durable): a header of ``fields``
+    (default: every key of the rows, in first-seen order), None as an empty cell."""
+    path = Path(path)
+    fields = fields or list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows({k: "" if r.get(k) is None else r.get(k) for k in fields} for r in rows)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

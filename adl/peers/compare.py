@@ -27,7 +27,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from adl.cache import read_json, read_manifest
+from adl.cache import read_json, read_manifest, write_csv
 from adl.errors import AdlError
 
 SWEEP_POINTS = 10
@@ -179,10 +179,7 @@ def run_compare(cfg: CompareConfig, *, console: Console | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, entries[0].dataset["name"])
     (out / "compare.md").write_text(text)
-    with open(out / "compare.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "compare.csv", rows)
     plot(rows, "params", "trainable parameters (log)", out / "quality_vs_params.png")
     plot(rows, "seconds", "training time of one run, s (log)", out / "quality_vs_time.png")
     console.print(text, highlight=False, soft_wrap=True, markup=False)

@@ -14,7 +14,6 @@ study, and redraws everything; it never trains.
 from __future__ import annotations
 
 import csv
-import os
 import statistics
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import optuna
 from rich.console import Console
 from rich.table import Table
 
-from adl.cache import read_json, write_json
+from adl.cache import read_json, write_csv, write_json
 from adl.errors import AdlError
 from adl.sweep.plots import draw_all
 from adl.sweep.study import (
@@ -54,17 +53,6 @@ def flat_rows(records: list[dict], dims: list[str], layers: list[int], metric: s
             row["error"] = run.get("error")
             rows.append(row)
     return rows
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """Atomically (several workers may write the same file)."""
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows({k: "" if r.get(k) is None else r.get(k) for k in fields} for r in rows)
-    os.replace(tmp, path)
 
 
 def by_point(rows: list[dict], dims: list[str], metric: str) -> list[dict]:

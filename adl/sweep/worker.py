@@ -28,7 +28,7 @@ from adl.sweep.config import SweepConfig, SweepSpace
 from adl.sweep.group import fit_group, group_key
 from adl.sweep.report import baseline_paths, write_outputs
 from adl.sweep.study import OrderedGridSampler, SweepStudy, default_storage, safe_url
-from adl.train.baselines import Views, layer_baselines, write_csv
+from adl.train.baselines import Views, layer_baselines, write_baselines_csv
 from adl.train.config import resolve, view_for
 from adl.train.console import epoch_progress
 from adl.train.data import TrainData
@@ -197,7 +197,7 @@ def train_baselines(worker: Worker, out) -> None:
         worker.console.print(f"training the single-layer and linear-probe baselines ({2 * len(cache.layers) + 1} runs; "
                              "--baselines off skips them)", highlight=False)
         rows = layer_baselines(base, worker.views, worker.console, view=view_for(base.head, cache, base.pool))
-        write_csv(out / "baselines.csv", rows, worker.metric)
+        write_baselines_csv(out / "baselines.csv", rows, worker.metric)
 
 
 def open_sweep_study(cfg: SweepConfig, cache, space: SweepSpace, out) -> SweepStudy:

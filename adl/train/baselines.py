@@ -21,14 +21,12 @@ max_epochs, patience, lr_patience, seed, dropout where the head has one):
 Writes ``baselines.csv`` (name, layer, val_<metric>, test_<metric>, params, seconds, hsv),
 ``baselines.png`` (single-layer test scores as bars, adalayers as a line) and config.json.
 A sweep trains the single-layer and probe rows with ``layer_baselines`` and writes them
-with ``write_csv``, so its plots read the same file format.
+with ``write_baselines_csv``, so its plots read the same file format.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -38,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from adl import __version__
-from adl.cache import open_cache, write_json
+from adl.cache import open_cache, write_csv, write_json
 from adl.train.config import TrainConfig, auto_head, resolve, view_for
 from adl.train.console import epoch_progress
 from adl.train.data import TrainData, load_data
@@ -165,7 +163,7 @@ def run_baselines(cfg: TrainConfig, *, console: Console | None = None) -> dict:
     rows += _head2toe(cfg, views, console)
     rows += _hsv_rows(views.for_head("linear-probe"), cfg.seed)
     metric = selection_metric(cache.task)
-    write_csv(out / "baselines.csv", rows, metric)
+    write_baselines_csv(out / "baselines.csv", rows, metric)
     _plot(rows, metric, out)
     publish(out, final)
     out = final
@@ -175,15 +173,9 @@ def run_baselines(cfg: TrainConfig, *, console: Console | None = None) -> dict:
     return {"out": str(out), "rows": rows, "metric": metric}
 
 
-def write_csv(path: Path, rows: list[dict], metric: str) -> None:
-    """baselines.csv, written aside and renamed (several sweep workers may write the same file)."""
-    fields = ["name", "layer", f"val_{metric}", f"test_{metric}", "params", "seconds", "hsv"]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in fields} for r in rows)
-    os.replace(tmp, path)
+def write_baselines_csv(path: Path, rows: list[dict], metric: str) -> None:
+    """baselines.csv (atomic: several sweep workers may write the same file)."""
+    write_csv(path, rows, ["name", "layer", f"val_{metric}", f"test_{metric}", "params", "seconds", "hsv"])
 
 
 def _plot(rows: list[dict], metric: str, out) -> None:

@@ -23,7 +23,6 @@ folders holding nothing but the files above.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 import shutil
@@ -34,7 +33,7 @@ import torch
 from rich.console import Console
 
 from adl import __version__
-from adl.cache import open_cache, write_json
+from adl.cache import open_cache, write_csv, write_json
 from adl.errors import AdlError
 from adl.train.config import TrainConfig, resolve, view_for
 from adl.train.console import EpochTable, summary_line
@@ -101,12 +100,8 @@ def publish(partial: Path, out: Path) -> None:
 
 
 def write_history(path: Path, history: list[dict]) -> None:
-    if not history:
-        return
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
+    if history:
+        write_csv(path, history)
 
 
 def metrics_doc(result: FitResult, layers: list[int], head: str, view: str) -> dict:
