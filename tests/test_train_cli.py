@@ -122,3 +122,30 @@ def test_newer_schema_cache_is_refused(caches, tmp_path):
     manifest = json.loads((newer / "manifest.json").read_text())
     (newer / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 99}))
     _one_error_line(invoke("train", "--cache", newer), "written by a newer adl")
+
+
+def test_run_folders_adl_did_not_write_are_never_replaced(caches, tmp_path, monkeypatch):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "config.json").write_text("my own config")
+    (user / "notes.txt").write_text("keep me")
+    res = invoke("train", "--cache", caches["seq"], "--out", user, "--overwrite", *FAST)
+    assert res.exit_code == 2 and "holds files adl did not write" in res.output
+    assert (user / "config.json").read_text() == "my own config" and not (tmp_path / "mine.partial").exists()
+    monkeypatch.chdir(tmp_path)
+    res = invoke("train", "--cache", caches["seq"], "--out", ".", "--overwrite", *FAST)
+    assert res.exit_code == 2 and "is the current folder" in res.output
+    link = tmp_path / "link"
+    link.symlink_to(user)
+    res = invoke("train", "--cache", caches["seq"], "--out", link, "--overwrite", *FAST)
+    assert res.exit_code == 2 and "is a symlink" in res.output and (user / "notes.txt").is_file()
+
+
+def test_a_rerun_replaces_the_whole_run(caches, tmp_path):
+    out = tmp_path / "run"
+    assert invoke("train", "--cache", caches["seq"], "--out", out, *FAST).exit_code == 0
+    (out / "layer_weights.png").unlink()  # a file the first run wrote, gone before the rerun
+    res = invoke("train", "--cache", caches["seq"], "--out", out, "--overwrite", *FAST)
+    assert res.exit_code == 0, res.output
+    assert (out / "layer_weights.png").is_file() and not (tmp_path / "run.partial").exists()
+    assert not (tmp_path / "run.replaced").exists()

@@ -66,6 +66,24 @@ def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> 
     fsync_dir(path.parent)
 
 
+def refuse_unsafe_out(path: Path, example: str) -> None:
+    """The one rule for an --out folder adl fills and may wipe: never a symlink (adl does not
+    write through links), a file, ``/``, ``$HOME`` or the current folder. ``example`` is a
+    folder name to suggest instead, e.g. ``cache/NAME``."""
+    path = Path(path)
+    if path.is_symlink():
+        raise AdlError(f"--out {path} is a symlink; adl does not write through links: give the real folder "
+                       f"({path.resolve()}) or a new one")
+    if path.exists() and not path.is_dir():
+        raise AdlError(f"--out {path} is a file, not a folder: choose another --out")
+    where = path.resolve()
+    for name, special in (("the root folder", Path(where.anchor)), ("your home folder", Path.home()),
+                          ("the current folder", Path.cwd())):
+        if where == special.resolve():
+            raise AdlError(f"--out {path} is {name}; adl writes into a folder of its own: give a new folder "
+                           f"such as {example}")
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

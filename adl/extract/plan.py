@@ -38,6 +38,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from adl.cache import read_json, write_json
+from adl.cache.durable import refuse_unsafe_out
 from adl.cache.summary import human
 from adl.errors import AdlError
 
@@ -87,17 +88,7 @@ def _kind(p: Path) -> str | None:
 def check_out(root: Path) -> None:
     """Refuse an --out adl must never fill or wipe: a symlink, /, $HOME, the current folder,
     or a folder holding entries adl did not write (hidden ones included)."""
-    if root.is_symlink():
-        raise AdlError(f"--out {root} is a symlink; adl does not write through links: give the real folder "
-                       f"({root.resolve()}) or a new one")
-    if root.exists() and not root.is_dir():
-        raise AdlError(f"--out {root} is a file, not a folder: choose another --out")
-    where = root.resolve()
-    for name, special in (("the root folder", Path("/")), ("your home folder", Path.home()),
-                          ("the current folder", Path.cwd())):
-        if where == special.resolve():
-            raise AdlError(f"--out {root} is {name}; adl only writes a cache into a folder of its own: "
-                           "give a new folder such as cache/NAME")
+    refuse_unsafe_out(root, "cache/NAME")
     foreign = sorted(p.name for p in root.iterdir() if _kind(p) is None) if root.is_dir() else []
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")

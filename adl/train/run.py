@@ -34,6 +34,7 @@ from rich.console import Console
 
 from adl import __version__
 from adl.cache import open_cache, write_csv, write_json
+from adl.cache.durable import refuse_unsafe_out
 from adl.errors import AdlError
 from adl.train.config import TrainConfig, resolve, view_for
 from adl.train.console import EpochTable, summary_line
@@ -55,23 +56,11 @@ def _adl_written(path: Path) -> bool:
                for p in path.iterdir())
 
 
-def _refuse_special(path: Path) -> None:
-    resolved = path.resolve()
-    for special, what in ((Path.cwd(), "the current folder"), (Path.home(), "your home folder"),
-                          (Path(resolved.anchor), "the file-system root")):
-        if resolved == special.resolve():
-            raise AdlError(f"--out {path} is {what}; adl writes a run into a folder of its own: choose e.g. "
-                           "--out runs/NAME")
-
-
 def prepare_out(out: str, overwrite: bool) -> Path:
     """The partial folder a new run is written into (``<out>.partial``, fresh); refuse an ``out``
     that exists unless ``overwrite``, and any folder that holds files adl did not write."""
     path = Path(out)
-    _refuse_special(path)
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
-        raise AdlError(f"--out {path} is a {'symlink' if path.is_symlink() else 'file'}, not a folder; "
-                       "choose another --out")
+    refuse_unsafe_out(path, "runs/NAME")
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise AdlError(f"run folder {path} already exists; pass --overwrite to replace it or choose another --out")
