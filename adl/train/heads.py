@@ -53,7 +53,7 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return total / m.sum(1).clamp_min(1).to(x.dtype)
 
 
-def _task_input(z: Tensor, mask: Tensor | None, task: str) -> Tensor:
+def task_input(z: Tensor, mask: Tensor | None, task: str) -> Tensor:
     """Sequence task + tokens view -> pooled (B, L, D); token task needs the tokens view."""
     if z.dim() == 4:
         if task == "token":
@@ -297,7 +297,7 @@ class PooledHead(_MixHead):
 
     def forward(self, z: Tensor, mask: Tensor | None = None, feats: Tensor | None = None) -> Tensor:
         """(B, L, D) or (B, T, L, D) + mask -> (B, C); ``feats`` as in AdaLayersHead."""
-        return self.readout(self.mix(_task_input(z, mask, self.task), feats))
+        return self.readout(self.mix(task_input(z, mask, self.task), feats))
 
     def readout(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """The MLP after the mix: F (B, k) -> logits (B, C)."""
@@ -328,7 +328,7 @@ class ScalarMix(nn.Module):
         return -(log_w.exp() * log_w).sum()
 
     def forward(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
-        z = _task_input(z, mask, self.task)
+        z = task_input(z, mask, self.task)
         mixed = self.gamma * torch.einsum("...ld,l->...d", z, self.weights())
         return self.out(self.dropout(mixed))
 
@@ -365,7 +365,7 @@ class LinearProbe(nn.Module):
         return x.flatten(-2) if self.layer is None else x[..., self.layer, :]
 
     def forward(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
-        return self.out(self.dropout(self.inputs(_task_input(z, mask, self.task))))
+        return self.out(self.dropout(self.inputs(task_input(z, mask, self.task))))
 
 
 class Head2Toe(nn.Module):
@@ -415,7 +415,7 @@ class Head2Toe(nn.Module):
         return sorted(torch.topk(self.group_norms(), n).indices.tolist())
 
     def forward(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
-        z = _task_input(z, mask, self.task)
+        z = task_input(z, mask, self.task)
         feats = F.layer_norm(z.index_select(-2, self.index), (self.in_dim,))  # (..., L', D)
         return self.out(feats.flatten(-2))
 

@@ -26,7 +26,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
 from adl.train.data import SplitData, TrainData
-from adl.train.heads import LinearProbe, _task_input
+from adl.train.heads import LinearProbe, task_input
 from adl.train.metrics import selection_metric
 from adl.train.trainer import (
     FitResult,
@@ -58,7 +58,7 @@ def probe_features(head: LinearProbe, split: SplitData) -> tuple[np.ndarray, np.
             x, y = b.z[keep], b.y[keep]  # (n, L, D) at labelled first sub-tokens
         else:
             keep = b.y >= 0
-            x, y = _task_input(b.z, b.mask, "sequence")[keep], b.y[keep]
+            x, y = task_input(b.z, b.mask, "sequence")[keep], b.y[keep]
         xs.append(head.inputs(x).double().cpu())
         ys.append(y.cpu())
     return torch.cat(xs).numpy(), torch.cat(ys).numpy()
