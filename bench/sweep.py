@@ -164,7 +164,7 @@ def _states(model, ids, mask, pooled: bool, projection=None):
 def backbone_epoch(model, head, batches, cfg, pooled: bool, seed: int, projection=None) -> float:
     """Seconds of one epoch (train + validation, like the cached epoch) with MiniLM recomputing
     the hidden states of every batch."""
-    opt = torch.optim.AdamW(param_groups(head, cfg.weight_decay), lr=cfg.lr)
+    opt = torch.optim.AdamW(param_groups(head.named_parameters(), cfg.weight_decay), lr=cfg.lr)
     head.train()
     order = np.random.default_rng(seed).permutation(len(batches["train"]))
     t0 = time.perf_counter()

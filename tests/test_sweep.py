@@ -105,14 +105,22 @@ def test_grid_points_are_grouped_by_shape(tmp_path):
 
 # ---- grouped training == solo training -------------------------------------------------------
 
-@pytest.mark.parametrize("name, head, affine", [("seq", "adalayers-pooled", False), ("seq", "adalayers", False),
-                                                ("ner", "adalayers", False), ("seq", "adalayers-pooled", True)])
-def test_group_matches_solo(caches, name, head, affine):
+MIXED = [dict(alpha=1.0, cutoff=0.0, lam=0.0), dict(alpha=4.0, cutoff=0.2, lam=0.05, weight_decay=0.0),
+         dict(alpha=16.0, lr=1e-2, weight_decay=0.1, patience=1)]
+# one lr and weight decay (a usual grid): one stacked part, regrouped with its AdamW moments when a
+# plateau halves one configuration's lr and not the others'
+SHARED = [dict(alpha=1.0, lam=0.0), dict(alpha=4.0, cutoff=0.2, lam=0.05, lr_patience=0), dict(alpha=16.0, lam=0.0),
+          dict(alpha=2.0, lam=0.01, patience=1)]
+
+
+@pytest.mark.parametrize("name, head, affine, points", [
+    ("seq", "adalayers-pooled", False, MIXED), ("seq", "adalayers", False, MIXED), ("ner", "adalayers", False, MIXED),
+    ("seq", "adalayers-pooled", True, MIXED), ("seq", "adalayers-pooled", False, SHARED),
+    ("ner", "adalayers", False, SHARED)])
+def test_group_matches_solo(caches, name, head, affine, points):
     cache = open_cache(caches[name])
-    base = TrainConfig(cache=str(caches[name]), head=head, k=8, heads=2, ff=16, hidden=8, dropout=0.0, max_epochs=4,
+    base = TrainConfig(cache=str(caches[name]), head=head, k=8, heads=2, ff=16, hidden=8, dropout=0.0, max_epochs=5,
                        patience=2, lr_patience=1, lr=3e-3, batch_size=16, seed=1, norm_affine=affine)
-    points = [dict(alpha=1.0, cutoff=0.0, lam=0.0), dict(alpha=4.0, cutoff=0.2, lam=0.05, weight_decay=0.0),
-              dict(alpha=16.0, lr=1e-2, weight_decay=0.1, patience=1)]
     cfgs = [resolve(dataclasses.replace(base, **p), cache) for p in points]
     data = load_data(cache, view_for(head, cache, None), device="cpu", seed=1, memory_gb=1)
 
@@ -124,6 +132,9 @@ def test_group_matches_solo(caches, name, head, affine):
     solo = [fit(h, data, c) for h, c in zip(solo_heads, cfgs)]
     group_heads = [build(c) for c in cfgs]
     grouped = fit_group(group_heads, data, cfgs)
+    if points is SHARED:  # the lrs parted during training, so the regrouping was exercised
+        lrs = [[row["lr"] for row in g.history] for g in grouped]
+        assert any(len({h[e] for h in lrs if len(h) > e}) > 1 for e in range(max(map(len, lrs))))
     for s, g, hs, hg in zip(solo, grouped, solo_heads, group_heads):
         assert (s.best_epoch, s.stop_reason, len(s.history)) == (g.best_epoch, g.stop_reason, len(g.history))
         for rs, rg in zip(s.history, g.history):

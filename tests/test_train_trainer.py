@@ -114,7 +114,7 @@ def test_amp_decision():
 
 def test_layer_logits_have_no_weight_decay(seq_cache):
     _, _, head = _setup(seq_cache)
-    decay, no_decay = param_groups(head, 1e-3)
+    decay, no_decay = param_groups(head.named_parameters(), 1e-3)
     assert no_decay["weight_decay"] == 0 and [p.shape for p in no_decay["params"]] == [head.mix.p.shape]
     assert no_decay["params"][0] is head.mix.p
     assert decay["weight_decay"] == 1e-3 and any(p is head.mix.W for p in decay["params"])

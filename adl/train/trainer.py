@@ -85,10 +85,11 @@ def trainable_params(head: nn.Module) -> int:
     return sum(p.numel() for p in head.parameters() if p.requires_grad)
 
 
-def param_groups(head: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: layer logits without decay, everything else with ``weight_decay``."""
+def param_groups(named, weight_decay: float) -> list[dict]:
+    """AdamW groups of ``named`` ((name, parameter) pairs): layer logits without decay, everything
+    else with ``weight_decay``."""
     decay, no_decay = [], []
-    for name, p in head.named_parameters():
+    for name, p in named:
         if p.requires_grad:
             (no_decay if name == "s" or name.endswith(NO_DECAY) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -166,7 +167,7 @@ class Solo:
         self.head, self.cfg = head.to(device), cfg
         self.amp = amp_dtype(device.type, device.type == "cuda" and torch.cuda.is_bf16_supported())
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
-        self.opt = torch.optim.AdamW(param_groups(head, cfg.weight_decay), lr=cfg.lr)
+        self.opt = torch.optim.AdamW(param_groups(head.named_parameters(), cfg.weight_decay), lr=cfg.lr)
 
     def set_lr(self, lrs: list[float]) -> None:
         for group in self.opt.param_groups:
