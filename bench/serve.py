@@ -1,6 +1,8 @@
 """`adl serve` under load, measured (not a test): real tweets on loopback against the offline Predictor.
 
-    .venv/bin/python bench/serve.py [--work /tmp/serve-bench] [--n 256] [--requests 256] [--screenshot docs/serve-page.png]
+    .venv/bin/python bench/serve.py [--work /tmp/serve-bench] [--n 256] [--seconds 15] [--screenshot docs/serve-page.png]
+
+Needs wrk (Debian: apt-get install wrk), the load generator.
 
 Set-up (skipped when --work already holds it), the commands a user would type:
 
@@ -13,11 +15,12 @@ Measured in one run, on the same --n real test tweets:
     both is kept, so a burst of load from elsewhere does not favour the server) (texts/s);
 (b) the bare single-text forward: the backbone alone (no heads, no tokenising) on one tweet at
     a time, median over the tweets (ms);
-(c) the server (`adl serve --run WORK/runs/sentiment`, default flags) driven by a closed-loop
-    asyncio + httpx load generator at concurrency 1, 8 and 32, one text per request, --requests
-    requests per level after 16 warm-up requests: requests/s and p50/p95/p99 latency.
+(c) the server (`adl serve --run WORK/runs/sentiment`, default flags) driven by wrk, closed
+    loop at concurrency 1, 8 and 32 (keep-alive connections), one tweet per request, for
+    --seconds per level after a 2 s warm-up: requests/s and p50/p95/p99 latency.
 Targets: (c) at concurrency 32 >= 0.8 x (a); p50 of (c) at concurrency 1 <= (b) + 10 ms. The load
-generator shares the machine's cores with the server, as a client on the same host would.
+generator shares the machine's cores with the server, as a client on the same host would; wrk is
+C and takes little of them.
 
 --screenshot PATH also serves WORK/runs/ner when present (adl extract --dataset wnut16 ... and
 adl train into WORK/runs/ner) and saves the page at / after it has run one tweet, through
@@ -27,7 +30,7 @@ Debian's chromium (playwright, /usr/bin/chromium). Results go to bench/results/s
 from __future__ import annotations
 
 import argparse
-import asyncio
+import shutil
 import json
 import os
 import platform
@@ -118,30 +121,48 @@ def stop_server(proc: subprocess.Popen) -> int:
     return proc.wait(timeout=120)
 
 
-async def load(url: str, texts: list[str], concurrency: int, requests: int) -> dict:
-    """Closed loop: ``concurrency`` clients, each sends its next tweet as soon as its answer is back."""
-    todo = iter(range(requests))
-    latencies: list[float] = []
+LUA = """-- written by bench/serve.py: POST one tweet per request, cycling through BODIES
+BODIES = {%s}
+local i = 0
+request = function()
+  i = i %% #BODIES + 1
+  return wrk.format("POST", "/v1/predict", {["Content-Type"] = "application/json"}, BODIES[i])
+end
+done = function(summary, latency, requests)
+  io.write(string.format('ADL {"requests": %%d, "duration_us": %%d, "errors": %%d, "non_2xx": %%d, ' ..
+    '"p50_us": %%d, "p95_us": %%d, "p99_us": %%d}\\n', summary.requests, summary.duration,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.errors.status, latency:percentile(50), latency:percentile(95), latency:percentile(99)))
+end
+"""
 
-    async def client(http: httpx.AsyncClient):
-        for i in todo:
-            t = time.perf_counter()
-            r = await http.post("/v1/predict", json={"texts": [texts[i % len(texts)]]})
-            r.raise_for_status()
-            latencies.append(time.perf_counter() - t)
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
-        todo = iter(range(16))
-        await asyncio.gather(*(client(http) for _ in range(min(concurrency, 16))))  # warm-up
-        latencies.clear()
-        todo = iter(range(requests))
-        t = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(concurrency)))
-        wall = time.perf_counter() - t
-    q = statistics.quantiles(latencies, n=100, method="inclusive")
-    return {"concurrency": concurrency, "requests": len(latencies), "requests_per_s": len(latencies) / wall,
-            "p50_ms": 1000 * q[49], "p95_ms": 1000 * q[94], "p99_ms": 1000 * q[98]}
+def lua_string(text: str) -> str:
+    """``text`` as a Lua long-bracket literal whose level does not occur in it."""
+    level = next(n for n in range(100) if f"]{'=' * n}]" not in text)
+    return f"[{'=' * level}[{text}]{'=' * level}]"
+
+
+def load(url: str, texts: list[str], concurrency: int, seconds: float, work: Path) -> dict:
+    """Closed loop with wrk (C, one thread, ``concurrency`` keep-alive connections, each sends its
+    next tweet as soon as its answer is back) for ``seconds`` after a 2 s warm-up. A C generator
+    takes little of the two cores the server shares with it (a Python client took a third)."""
+    script = work / "post.lua"
+    script.write_text(LUA % ", ".join(lua_string(json.dumps({"texts": [t]})) for t in texts))
+
+    def wrk(duration: float) -> dict:
+        out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{duration}s", "--timeout", "60s", "-s",
+                              str(script), url], capture_output=True, text=True, check=True).stdout
+        return json.loads(next(line[4:] for line in out.splitlines() if line.startswith("ADL ")))
+
+    wrk(2)  # warm-up: connections, allocator, the first batches
+    r = wrk(seconds)
+    if r["errors"] or r["non_2xx"]:
+        raise SystemExit(f"wrk saw {r['errors']} socket errors and {r['non_2xx']} non-2xx answers at "
+                         f"concurrency {concurrency}")
+    return {"concurrency": concurrency, "requests": r["requests"],
+            "requests_per_s": r["requests"] / (r["duration_us"] / 1e6),
+            "p50_ms": r["p50_us"] / 1000, "p95_ms": r["p95_us"] / 1000, "p99_ms": r["p99_us"] / 1000}
 
 
 def batch_sizes(url: str) -> dict:
@@ -176,10 +197,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/serve-bench")
     ap.add_argument("--n", type=int, default=256, help="distinct real tweets")
-    ap.add_argument("--requests", type=int, default=256, help="timed requests per concurrency level")
+    ap.add_argument("--seconds", type=float, default=15, help="timed load per concurrency level (wrk -d)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--screenshot", default=None)
     args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("bench/serve.py needs wrk, the load generator: apt-get install wrk")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.work)
     setup(work)
@@ -193,7 +216,7 @@ def main() -> None:
         levels = []
         for c in LEVELS:
             counted = batch_sizes(url)
-            levels.append({**asyncio.run(load(url, texts, c, args.requests)), **_delta(counted, batch_sizes(url))})
+            levels.append({**load(url, texts, c, args.seconds, work), **_delta(counted, batch_sizes(url))})
             print(json.dumps(levels[-1]))
     finally:
         code = stop_server(proc)
@@ -208,7 +231,7 @@ def main() -> None:
         "throughput_c32_over_offline": by[32]["requests_per_s"] / off["batched_texts_per_s"],
         "p50_c1_minus_bare_single_ms": by[1]["p50_ms"] - off["bare_single_forward_ms"],
         "targets": {"throughput_c32_over_offline": ">= 0.8", "p50_c1_minus_bare_single_ms": "<= 10"},
-        "n_texts": len(texts), "requests_per_level": args.requests, "seconds": time.perf_counter() - t0,
+        "n_texts": len(texts), "seconds_per_level": args.seconds, "load_generator": "wrk -t1 (Debian wrk 4.1)", "seconds": time.perf_counter() - t0,
         "offline_before_and_after": [before, after], "load_average_1min": load_avg,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "python": platform.python_version(), "torch": torch.__version__},

@@ -189,6 +189,7 @@ def test_setfit_trains_on_a_tiny_body(assets, tmp_path):
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["method"] == "setfit" and 0 <= doc["test"]["accuracy"] <= 1
+    assert "loss nan" not in res.output  # the body's contrastive loss, read from its trainer's log
     n = open_cache(assets["seq"]).manifest["splits"]
     # two steps of four pairs (eight texts) with backward; then train (the head's fit), validation, test embedded
     assert doc["forwards"]["backward_examples"] == 2 * 4 * 2

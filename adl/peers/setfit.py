@@ -68,7 +68,7 @@ def fit_setfit(model_id: str, data: PeerData, cfg, *, on_epoch=None) -> PeerResu
     scores = {name: score(_predict(model, data.splits[name], cfg.batch_size), data.splits[name], data.label_names)
               for name in ("validation", "test")}
     hook.remove()
-    row = {"epoch": 1, "loss": float("nan"), **{f"val_{k}": v for k, v in scores["validation"].items()
+    row = {"epoch": 1, "loss": _embedding_loss(trainer), **{f"val_{k}": v for k, v in scores["validation"].items()
                                                if isinstance(v, (int, float))}, "lr": cfg.lr, "seconds": trained}
     if on_epoch is not None:
         on_epoch(1, row)
@@ -78,6 +78,17 @@ def fit_setfit(model_id: str, data: PeerData, cfg, *, on_epoch=None) -> PeerResu
     return PeerResult([row], 1, scores["validation"], scores["test"], metric,
                       "setfit: the library's fixed budget, no validation selection", time.perf_counter() - start,
                       trained, params, forwards)
+
+
+def _embedding_loss(trainer) -> float:
+    """The mean contrastive loss of the body's training, from its Hugging Face trainer's log
+    (NaN if this setfit release logs it elsewhere)."""
+    state = getattr(getattr(trainer, "st_trainer", None), "state", None)
+    for entry in reversed(getattr(state, "log_history", None) or []):
+        for key in ("train_loss", "embedding_loss", "loss"):
+            if isinstance(entry.get(key), (int, float)):
+                return float(entry[key])
+    return float("nan")
 
 
 def _predict(model, split, batch_size: int) -> np.ndarray:

@@ -9,7 +9,8 @@ Each head sees what its cache stored, computed the way extraction computed it:
     pooled view   z_i = pool(Z_i, mask).to(dtype).float()                      (B, H)
     tokens view   z_i = P_i(Z_i).to(dtype).float()  (P_i: the stored projection, if any)  (B, T, D)
 
-A mixing head (adalayers on tokens, adalayers-pooled on a pooled view) adds
+Heads that read the same view (and pool, dtype, projection) share one z_i per batch, and
+its GELU. A mixing head (adalayers on tokens, adalayers-pooled on a pooled view) adds
 w_i N(a(z_i) W_i^T) into one accumulator (B, [T,] k) and only for its layers with w_i > 0;
 the task block reads the accumulator once the last such layer is done. Other heads (probes,
 scalar mix, head2toe) keep their layers' z_i and run whole at the end (layers of weight 0
@@ -22,6 +23,7 @@ pre-hook of the highest layer any head needs raises ``_Stop`` once it has fed th
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adl.extract.pooling import pool
@@ -64,16 +66,26 @@ class HeadFeed:
             h = self.projection.apply_layer(h, self.projection.layers.index(layer))
         return h.float().to(self.dtype).float()  # (B, T, D)
 
-    def feed(self, layer: int, h: Tensor, mask: Tensor) -> None:
+    def feed(self, layer: int, h: Tensor, mask: Tensor, memo: dict) -> None:
+        """Add this layer to the head. ``memo`` holds the layer's stored states (and their GELU) for
+        the batch, shared by the heads that read the same view, pool, dtype and projection."""
         i, w = self.active[layer]
-        z = self.stored(layer, h, mask)
+        key = (self.view, self.pool, self.dtype, id(self.projection))
+        if key not in memo:
+            memo[key] = self.stored(layer, h, mask)
+        z = memo[key]
         if self.mix is None:
             self.kept[i] = z
             return
+        if self.mix.activation:  # GELU once per stored tensor, not once per head
+            key += ("gelu",)
+            if key not in memo:
+                memo[key] = F.gelu(z)
+            z = memo[key]
         row = 0 if self.mix.fixed_layer is not None else i  # a fixed-layer mix holds one projection
         gamma = None if self.mix.gamma is None else self.mix.gamma[None, row : row + 1]
         beta = None if self.mix.beta is None else self.mix.beta[None, row : row + 1]
-        f = layer_features(z.unsqueeze(-2), self.mix.W[row : row + 1], self.mix.k, activation=self.mix.activation,
+        f = layer_features(z.unsqueeze(-2), self.mix.W[row : row + 1], self.mix.k, activation=False,
                            gamma=gamma, beta=beta)[0].squeeze(-2)  # (B, [T,] k)
         self.acc = w * f if self.acc is None else self.acc + w * f
 
@@ -123,8 +135,9 @@ class Stream:
         got: dict[str, Tensor] = {}
 
         def deliver(layer: int, h: Tensor) -> None:
+            memo: dict = {}
             for feed in need.get(layer, ()):
-                feed.feed(layer, h, mask)
+                feed.feed(layer, h, mask, memo)
             if layer == stop_at:
                 raise _Stop
 
