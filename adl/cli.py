@@ -273,6 +273,7 @@ def predict(
     text: Annotated[Optional[list[str]], _O("--text", help="a text to predict (repeatable)")] = None,
     file: Annotated[Optional[str], _O("--file", help=".txt (one text per line), .csv, .jsonl or .parquet")] = None,
     text_column: Annotated[Optional[str], _O("--text-column", help="text column of --file (default: detected)")] = None,
+    label_column: Annotated[Optional[str], _O("--label-column", help="labels of --file, scored per head (default: a 'label' column)")] = None,
     split: Annotated[Optional[str], _O("--split", help="a split of the run's data set (or of --dataset)")] = None,
     dataset: Annotated[Optional[str], _O("--dataset", help="data set spec for --split (default: the run's)")] = None,
     out: Annotated[Optional[str], _O("--out", help="predictions JSONL (default predictions.jsonl)")] = None,
@@ -280,7 +281,8 @@ def predict(
     device: Annotated[Optional[str], _O("--device", help="auto (default) | cpu | cuda")] = None,
 ) -> None:
     """Apply trained heads to texts, a file or a split, in one forward pass of their backbone."""
-    given = {k: v for k, v in dict(runs=run, texts=text, file=file, text_column=text_column, split=split,
+    given = {k: v for k, v in dict(runs=run, texts=text, file=file, text_column=text_column,
+                                   label_column=label_column, split=split,
                                    dataset=dataset, out=out, batch_size=batch_size, device=device).items()
              if v is not None}
     run_predict(PredictConfig(**given))

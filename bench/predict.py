@@ -14,6 +14,11 @@ length-bucketed batches (batch 32), the same batches for every variant:
     stacked states (the cache's layout, rounded to float16 as the cache stores them).
 (c) early exit: the layer-3 head alone (the pass stops after layer 3) vs the bare full forward.
 
+--backbone large runs the same on a BERT of RoBERTa-large's shape (24 layers x 1024, random
+weights, MiniLM's tokenizer; bench/sweep.py builds it): caches, heads and passes as above, to
+show what the same heads cost beside a backbone of the size the method is meant for. Results
+go to bench/results/predict-large.json.
+
 Time: the best of --repeats interleaved passes per variant, in one process. Memory: each
 variant runs in a fresh subprocess; the figure is the growth of the resident set during the
 pass (/proc/self/statm sampled every millisecond by a thread) over its level at the start,
@@ -57,10 +62,10 @@ HEADS = {  # run name -> (cache, train options)
 STREAMED = ["sentiment-pooled", "sentiment-tokens", "ner"]
 
 
-def setup(work: Path, limit: int) -> None:
+def setup(work: Path, limit: int, model: str) -> None:
     for name in ("tweets", "wnut16"):
         if not (work / name / "manifest.json").is_file():
-            run_extract(ExtractConfig(model="minilm", dataset=name, out=str(work / name), limit=limit,
+            run_extract(ExtractConfig(model=model, dataset=name, out=str(work / name), limit=limit,
                                       views="pooled,tokens", progress=False))
     for run, (cache, opts) in HEADS.items():
         if not (work / run / "metrics.json").is_file():
@@ -160,10 +165,11 @@ def timings(work: Path, n: int, repeats: int) -> dict:
             "active_layers": {f: sorted(p.feeds[f].active) for f in p.feeds}}
 
 
-def memory(work: Path, n: int) -> dict:
+def memory(argv: list[str]) -> dict:
+    """Each variant in a fresh process (``argv``: this run's --work, --n and --backbone)."""
     out = {}
     for v in VARIANTS:
-        res = subprocess.run([sys.executable, __file__, "--child", v, "--work", str(work), "--n", str(n)],
+        res = subprocess.run([sys.executable, __file__, "--child", v, *argv],
                              capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         out[v] = json.loads(res.stdout.strip().splitlines()[-1])
     return out
@@ -176,16 +182,26 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work", default=None)
     ap.add_argument("--child", default=None)
+    ap.add_argument("--backbone", choices=("minilm", "large"), default="minilm",
+                    help="large: a BERT of RoBERTa-large's shape (24 x 1024) with random weights (the hub is out "
+                         "of reach; a pass costs the same whatever the weights), heads trained on its caches")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.work or Path(tempfile.gettempdir()) / "adl-bench-predict")
+    args.work = str(work)
+    model = "minilm"
+    if args.backbone == "large":
+        from sweep import large_backbone  # bench/sweep.py, beside this script
+
+        work = work / "large"
+        model = large_backbone(work / "bert-large-shape")
     if args.child:
         child(work, args.child, args.n)
         return
     t0 = time.perf_counter()
-    setup(work, args.limit)
+    setup(work, args.limit, model)
     setup_s = time.perf_counter() - t0
-    m = memory(work, args.n)
+    m = memory(["--work", args.work, "--n", str(args.n), "--backbone", args.backbone])
     print(json.dumps(m))
     t = timings(work, args.n, args.repeats)
     s, g = t["seconds"], {v: m[v]["growth_mb"] for v in m}
@@ -201,8 +217,8 @@ def main() -> None:
                                "one fresh subprocess per variant",
               "setup_seconds": round(setup_s, 1), "torch_threads": torch.get_num_threads(),
               "load_average": os.getloadavg(), "machine": platform.processor() or platform.machine(),
-              "torch": torch.__version__}
-    out = Path(__file__).parent / "results" / "predict.json"
+              "torch": torch.__version__, "backbone": args.backbone, "command": "bench/predict.py " + " ".join(sys.argv[1:])}
+    out = Path(__file__).parent / "results" / ("predict.json" if args.backbone == "minilm" else "predict-large.json")
     out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     print(f"{args.n} tweets, {t['tokens']} tokens, {t['batches']} batches; best of {args.repeats}")
     for v in VARIANTS:

@@ -63,10 +63,32 @@ def test_two_heads_in_one_pass_on_texts_and_files(runs, tmp_path):
     assert res.exit_code == 0, res.output
 
 
+def test_a_files_label_column_is_scored_per_head(runs, tmp_path):
+    data = write_csv(tmp_path / "labelled.csv", n=20, seed=3)  # columns text,label with the run's label names
+    out = tmp_path / "l.jsonl"
+    res = invoke("--run", runs["sentiment"], "--run", runs["ner"], "--file", data, "--out", out)
+    assert res.exit_code == 0, res.output
+    written = json.loads((tmp_path / "l.metrics.json").read_text())
+    assert list(written) == ["sentiment"] and set(written["sentiment"]) >= {"accuracy", "mcc", "macro_f1"}
+    assert "not scored: ner" in res.output
+    preds = [json.loads(line)["sentiment"]["label"] for line in out.read_text().splitlines()]
+    truth = [line.rsplit(",", 1)[1] for line in data.read_text().splitlines()[1:]]
+    assert written["sentiment"]["accuracy"] == pytest.approx(sum(a == b for a, b in zip(preds, truth)) / len(truth))
+    other = tmp_path / "other.csv"
+    other.write_text("body,y\ngood movie,pos\nbad plot,\n")  # a named column; a missing label is not scored
+    res = invoke("--run", runs["sentiment"], "--file", other, "--text-column", "body", "--label-column", "y",
+                 "--out", tmp_path / "o.jsonl")
+    assert res.exit_code == 0, res.output
+    per_class = json.loads((tmp_path / "o.metrics.json").read_text())["sentiment"]["per_class"]
+    assert sum(c["support"] for c in per_class.values()) == 1
+
+
 @pytest.mark.parametrize("make, args, message", [
     (lambda d: d.joinpath("bad.txt").write_bytes(b"caf\xe9\n"), ("--file", "{d}/bad.txt"), "not UTF-8"),
     (lambda d: d.joinpath("x.csv").write_text("a,b\n1,2\n"), ("--file", "{d}/x.csv", "--text-column", "text"),
      "column 'text' not found"),
+    (lambda d: d.joinpath("x.csv").write_text("text,b\n1,2\n"), ("--file", "{d}/x.csv", "--label-column", "y"),
+     "label column 'y' not found"),
     (lambda d: None, ("--text", "a", "--split", "test"), "exactly one input"),
     (lambda d: d.joinpath("empty-run").mkdir(), ("--text", "a"), "incomplete"),
 ])

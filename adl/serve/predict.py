@@ -37,6 +37,7 @@ class PredictConfig:
     texts: list[str] = field(default_factory=list)
     file: str | None = None
     text_column: str | None = None
+    label_column: str | None = None
     split: str | None = None
     dataset: str | None = None
     out: str | None = None
@@ -52,8 +53,9 @@ class PredictConfig:
                            + (f" (got {' and '.join(given)})" if given else ""))
         if self.dataset and not self.split:
             raise AdlError("--dataset goes with --split S: which split of that data set to predict")
-        if self.text_column and not self.file:
-            raise AdlError("--text-column goes with --file (a .csv, .jsonl or .parquet file)")
+        if (self.text_column or self.label_column) and not self.file:
+            flag = "--text-column" if self.text_column else "--label-column"
+            raise AdlError(f"{flag} goes with --file (a .csv, .jsonl or .parquet file)")
         if self.batch_size is not None and self.batch_size < 1:
             raise AdlError(f"--batch-size must be >= 1 (got {self.batch_size})")
 
@@ -64,18 +66,21 @@ class Inputs:
     ids: list  # row ids in the source
     labels: object = None  # sequence ids (N,) or per-word tag ids; None: unlabelled
     label_names: list[str] | None = None
+    raw_labels: list | None = None  # a file's label column, per kept row: names or ids (None: missing)
     skipped: int = 0  # empty lines/rows dropped
 
 
-def read_file(path: str, column: str | None) -> Inputs:
-    """.txt: one text per line; .csv/.jsonl/.parquet: the text column (given or detected)."""
+def read_file(path: str, column: str | None, label_column: str | None = None) -> Inputs:
+    """.txt: one text per line; .csv/.jsonl/.parquet: the text column (given or detected) and the
+    labels, if any: ``label_column``, or a column named ``label``."""
     p = Path(path)
     if not p.is_file():
         raise AdlError(f"file not found: {path}")
     suffix = p.suffix.lower()
     if suffix in (".txt", ""):
-        if column:
-            raise AdlError(f"{path} is plain text (one text per line): drop --text-column")
+        if column or label_column:
+            raise AdlError(f"{path} is plain text (one text per line): it has no columns; drop "
+                           f"{'--text-column' if column else '--label-column'}")
         try:
             lines = p.read_text(encoding="utf-8-sig").splitlines()
         except UnicodeDecodeError as e:
@@ -95,8 +100,27 @@ def read_file(path: str, column: str | None) -> Inputs:
     if name not in cols:
         looked = f"column '{column}' not found" if column else f"no text column ({', '.join(TEXT_CANDIDATES)})"
         raise AdlError(f"{path}: {looked}; the columns are: {', '.join(cols)}; pass --text-column NAME")
+    if label_column and label_column not in cols:
+        raise AdlError(f"{path}: label column '{label_column}' not found; the columns are: {', '.join(cols)}")
+    labels = cols.get(label_column or "label")
     keep = [(i, str(t)) for i, t in enumerate(cols[name]) if t is not None and str(t).strip()]
-    return Inputs([t for _, t in keep], [i for i, _ in keep], skipped=len(cols[name]) - len(keep))
+    return Inputs([t for _, t in keep], [i for i, _ in keep], skipped=len(cols[name]) - len(keep),
+                  raw_labels=None if labels is None else [labels[i] for i, _ in keep])
+
+
+def label_ids(raw: list, names: list[str]) -> np.ndarray | None:
+    """A file's labels as a head's class ids: its label names, or ids 0..C-1 (as numbers or digit
+    strings); missing values are -1 (not scored). None when they are neither."""
+    out = np.full(len(raw), -1, np.int64)
+    for i, v in enumerate(raw):
+        text = "" if v is None else str(v).strip()
+        if text in names:
+            out[i] = names.index(text)
+        elif text.lstrip("-").isdigit() and 0 <= int(text) < len(names):
+            out[i] = int(text)
+        elif text:
+            return None
+    return out
 
 
 def read_split(cfg: PredictConfig, manifest: dict) -> Inputs:
@@ -112,7 +136,7 @@ def gather(cfg: PredictConfig, manifest: dict) -> Inputs:
     if cfg.split:
         return read_split(cfg, manifest)
     if cfg.file:
-        return read_file(cfg.file, cfg.text_column)
+        return read_file(cfg.file, cfg.text_column, cfg.label_column)
     keep = [t for t in cfg.texts if t.strip()]
     return Inputs(keep, list(range(len(keep))), skipped=len(cfg.texts) - len(keep))
 
@@ -128,6 +152,12 @@ def head_metrics(p: Predictor, enc, pred, inputs: Inputs) -> dict:
     ts = enc.ts
     for name in pred.logits:
         run = p.feeds[name].run
+        if inputs.raw_labels is not None and run.task == "sequence":  # a file's label column
+            ids = label_ids(inputs.raw_labels, run.label_names)
+            if ids is not None and (ids >= 0).any():
+                flat = np.array([int(z.argmax()) for z in pred.logits[name]], np.int64)
+                out[name] = score(flat, SimpleNamespace(task="sequence", labels=ids, offsets=None), run.label_names)
+            continue
         if inputs.labels is None or run.label_names != inputs.label_names or (run.task == "token") != (
                 ts.word_ids is not None):
             continue
@@ -179,6 +209,11 @@ def run_predict(cfg: PredictConfig, console: Console | None = None) -> dict:
             row = {"id": row_id, "text": enc.texts[i], **{name: pred.heads[name][i] for name in pred.heads}}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     metrics = head_metrics(p, enc, pred, inputs)
+    if inputs.raw_labels is not None:
+        unscored = [n for n in pred.heads if n not in metrics]
+        if unscored:
+            console.print(f"not scored: {', '.join(unscored)} (the file's labels are neither the head's label "
+                          "names nor its class ids, or the head tags tokens)")
     result = {"out": str(out), "n": len(inputs.items), "seconds": seconds, "metrics": metrics}
     if metrics:
         console.print(metrics_table(metrics))
