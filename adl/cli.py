@@ -159,10 +159,12 @@ BatchOpt = Annotated[Optional[int], _O("--batch-size", help="examples per step")
 EpochsOpt = Annotated[Optional[int], _O("--max-epochs", help="epoch ceiling")]
 PatienceOpt = Annotated[Optional[int], _O("--patience", help="early-stopping patience (epochs)")]
 LrPatienceOpt = Annotated[Optional[int], _O("--lr-patience", help="epochs before the LR is halved")]
-SeedOpt = Annotated[Optional[int], _O("--seed", help="seed (init, dropout, batch order)")]
+SeedOpt = Annotated[Optional[int], _O("--seed", help="seed (init, dropout, batch order, --train-limit sample)")]
 LassoOpt = Annotated[Optional[float], _O("--lasso", help="head2toe group-lasso coefficient")]
 KeepOpt = Annotated[Optional[float], _O("--keep", help="head2toe: fraction of layers kept")]
 PoolOpt = Annotated[Optional[str], _O("--pool", help="pooled view for pooled heads (default mean)")]
+TrainLimitOpt = Annotated[Optional[int], _O("--train-limit", help="train on a seeded sample of N training examples "
+                                            "(learning curves); validation and test stay whole")]
 MemoryOpt = Annotated[Optional[float], _O("--memory-gb", help="RAM budget for the tokens view before streaming")]
 DeviceOpt = Annotated[Optional[str], _O("--device", help="auto | cpu | cuda | cuda:N | mps")]
 OutOpt = Annotated[Optional[str], _O("--out", help="run folder (default runs/<cache>-<head>-<time>)")]
@@ -181,8 +183,9 @@ def train(cache: CacheOpt, head: HeadOpt = None, preset: PresetOpt = None, alpha
           norm_affine: NormAffineOpt = None, post_gelu: PostGeluOpt = None, hidden: HiddenOpt = None,
           layer: LayerOpt = None, lr: LrOpt = None, weight_decay: WdOpt = None, batch_size: BatchOpt = None,
           max_epochs: EpochsOpt = None, patience: PatienceOpt = None, lr_patience: LrPatienceOpt = None,
-          seed: SeedOpt = None, pool: PoolOpt = None, memory_gb: MemoryOpt = None, device: DeviceOpt = None,
-          out: OutOpt = None, overwrite: OverwriteOpt = None) -> None:
+          seed: SeedOpt = None, train_limit: TrainLimitOpt = None, pool: PoolOpt = None,
+          memory_gb: MemoryOpt = None, device: DeviceOpt = None, out: OutOpt = None,
+          overwrite: OverwriteOpt = None) -> None:
     """Train a layer-mixing head from a cache; writes config, metrics, history, head and plots."""
     run_train(_train_config(dict(locals())))
 
@@ -195,9 +198,9 @@ def baselines(cache: CacheOpt, preset: PresetOpt = None, alpha: AlphaOpt = None,
               norm_affine: NormAffineOpt = None, post_gelu: PostGeluOpt = None, hidden: HiddenOpt = None,
               lr: LrOpt = None, weight_decay: WdOpt = None, batch_size: BatchOpt = None,
               max_epochs: EpochsOpt = None, patience: PatienceOpt = None, lr_patience: LrPatienceOpt = None,
-              seed: SeedOpt = None, lasso: LassoOpt = None, keep: KeepOpt = None, pool: PoolOpt = None,
-              memory_gb: MemoryOpt = None, device: DeviceOpt = None, out: OutOpt = None,
-              overwrite: OverwriteOpt = None) -> None:
+              seed: SeedOpt = None, lasso: LassoOpt = None, keep: KeepOpt = None,
+              train_limit: TrainLimitOpt = None, pool: PoolOpt = None, memory_gb: MemoryOpt = None,
+              device: DeviceOpt = None, out: OutOpt = None, overwrite: OverwriteOpt = None) -> None:
     """Every single layer, last-layer probe, scalar mix, head2toe, hsv and adalayers, same budget."""
     run_baselines(_train_config(dict(locals())))
 
@@ -256,7 +259,10 @@ def _sweep(**opts) -> None:
     space = parse_space({name: opts[name] for name in SWEEPABLE})
     sweep = {k: opts[k] for k in ("search", "trials", "seeds", "out", "storage", "study", "group_size", "vectorise",
                                   "baselines", "top") if opts[k] is not None}
-    run_sweep(SweepConfig(base=TrainConfig(**machine), space=space, **sweep))
+    cfg = SweepConfig(base=TrainConfig(**machine), space=space, **sweep)
+    if "train_limit" in cfg.dims:  # the workers load each view once, so every point gets the same sample
+        raise AdlError("--train-limit takes one value in a sweep; run one sweep per training size")
+    run_sweep(cfg)
 
 
 _sweep.__signature__ = inspect.Signature(_sweep_params())

@@ -75,6 +75,17 @@ def test_baselines_write_csv_and_chart(caches, tmp_path):
     assert (out / "baselines.png").is_file()
 
 
+@pytest.mark.parametrize("name", ["seq", "ner"])
+def test_train_limit_trains_on_a_sample(caches, tmp_path, name):
+    out = tmp_path / "run"
+    res = invoke("train", "--cache", caches[name], "--out", out, "--train-limit", "5", *FAST)
+    assert res.exit_code == 0, res.output
+    assert "| 5 training examples |" in res.output
+    assert json.loads((out / "config.json").read_text())["config"]["train_limit"] == 5
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_examples"] == 5 and metrics["test"] is not None
+
+
 def test_pooled_only_cache_picks_the_pooled_head(caches, tmp_path):
     res = invoke("train", "--cache", caches["pooled"], "--out", tmp_path / "r", *FAST)
     assert res.exit_code == 0, res.output
@@ -95,6 +106,12 @@ def test_bad_inputs_get_one_clear_line(caches, tmp_path):
     _one_error_line(invoke("train", "--cache", caches["seq"], "--cutoff", "1.5"), "--cutoff must be in [0, 1)")
     _one_error_line(invoke("train", "--cache", caches["seq"], "--k", "0"), "--k must be an integer >= 1")
     _one_error_line(invoke("train", "--cache", caches["seq"], "--alpha", "-1"), "--alpha must be > 0")
+    _one_error_line(invoke("train", "--cache", caches["seq"], "--train-limit", "0"),
+                    "--train-limit must be an integer >= 1 (got 0)")
+    _one_error_line(invoke("baselines", "--cache", caches["seq"], "--train-limit", "-3"),
+                    "--train-limit must be an integer >= 1")
+    _one_error_line(invoke("sweep", "--cache", caches["seq"], "--alpha", "1,2", "--train-limit", "5,10"),
+                    "--train-limit takes one value in a sweep")
     _one_error_line(invoke("train", "--cache", tmp_path / "nowhere"), "no cache at")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "metrics.json").write_text("{}")

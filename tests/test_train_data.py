@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from adl.cache import open_cache
-from adl.train.data import _blocks, load_data
+from adl.errors import AdlError
+from adl.train.data import _blocks, _gather, load_data
 from synthetic import write_synthetic_cache
 
 
@@ -105,3 +106,67 @@ def test_a_split_in_one_block_gets_the_same_batches_streamed_or_loaded(caches):
         for x, y in zip(a.batches(3, epoch=5), b.batches(3, epoch=5), strict=True):
             assert x.index.tolist() == y.index.tolist()
             assert torch.equal(x.z, y.z) and torch.equal(x.y, y.y) and torch.equal(x.mask, y.mask)
+
+
+def _eval_batches_equal(a, b):
+    for x, y in zip(a.batches(3), b.batches(3), strict=True):
+        assert x.index.tolist() == y.index.tolist() and torch.equal(x.z, y.z) and torch.equal(x.y, y.y)
+
+
+@pytest.mark.parametrize("name,view", [("seq", "pooled:mean"), ("seq", "tokens"), ("ner", "tokens")])
+def test_train_limit_keeps_a_seeded_sample_and_whole_eval_splits(caches, name, view):
+    cache = open_cache(caches[name])
+
+    def load(seed, limit):
+        return load_data(cache, view, device="cpu", seed=seed, memory_gb=1.0, train_limit=limit)
+
+    whole, a, again, other = load(0, None), load(0, 7), load(0, 7), load(1, 7)
+    rows = a.train.rows
+    assert a.train.n == 7 and len(set(rows.tolist())) == 7 and rows.tolist() == sorted(rows.tolist())
+    assert np.array_equal(rows, again.train.rows) and not np.array_equal(rows, other.train.rows)
+    labels = cache.labels("train")
+    if view == "tokens":
+        seen, _ = _examples(a.train, epoch=1)
+        values, offsets = cache.read("train", "tokens")
+    else:
+        seen = {int(i): (b.z[j], b.y[j]) for b in a.train.batches(3, epoch=1) for j, i in enumerate(b.index)}
+    assert sorted(seen) == list(range(7))
+    for i, (z, y) in seen.items():  # example i of the sample is cache example rows[i], values and labels
+        r = int(rows[i])
+        if view == "tokens":
+            np.testing.assert_array_equal(z.numpy(), values[offsets[r]:offsets[r + 1]])
+            np.testing.assert_array_equal(y.numpy(), labels[offsets[r]:offsets[r + 1]] if name == "ner" else labels[r])
+        else:
+            np.testing.assert_array_equal(z.numpy(), cache.read("train", view)[r])
+            assert int(y) == labels[r]
+    for split in ("validation", "test"):
+        assert getattr(a, split).rows is None and getattr(a, split).n == 8
+        _eval_batches_equal(getattr(whole, split), getattr(a, split))
+    assert load(0, 40).train.rows is None and load(0, 1000).train.n == 40  # a limit covering the split: all
+
+
+def test_gather_reads_in_bounded_runs(caches):
+    cache = open_cache(caches["ner"])
+    values, offsets = cache.read("train", "tokens")
+    rows = np.array([0, 3, 4, 17, 30, 39])
+    want = np.concatenate([values[offsets[r]:offsets[r + 1]] for r in rows])
+    for read_bytes in (1, 5 * 4 * 8 * 4, 1 << 28):  # one token, five tokens (runs split examples), all at once
+        got, new_offsets, tokens = _gather(values, offsets, rows, read_bytes)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(np.diff(new_offsets), np.diff(offsets)[rows])
+        np.testing.assert_array_equal(values[:][tokens], want)
+
+
+def test_a_train_sample_counts_toward_the_memory_budget(caches):
+    cache = open_cache(caches["ner"])
+    row = 4 * 8 * 4
+    whole = load_data(cache, "tokens", device="cpu", seed=0, memory_gb=1.0, train_limit=5)
+    sample = int(whole.train.offsets[-1]) * row
+    tight = load_data(cache, "tokens", device="cpu", seed=0, memory_gb=(sample + 20 * row) / 1e9, train_limit=5)
+    assert tight.train._resident is not None and tight.validation._resident is None  # the others stream
+    for split in ("train", "validation", "test"):  # the same examples (streamed batches end with blocks)
+        a, b = _examples(getattr(whole, split), None)[0], _examples(getattr(tight, split), None)[0]
+        assert a.keys() == b.keys() and all(torch.equal(a[i][0], b[i][0]) and torch.equal(a[i][1], b[i][1])
+                                            for i in a)
+    with pytest.raises(AdlError, match="--train-limit 5: the sample's tokens take"):
+        load_data(cache, "tokens", device="cpu", seed=0, memory_gb=(sample - 1) / 1e9, train_limit=5)

@@ -51,7 +51,7 @@ HSV_ROWS = 4096  # rows (examples or words) for the hsv score: memory HSV_ROWS *
 
 
 class Views:
-    """Loads each view of ``cache`` once (with ``cfg``'s device, seed and memory budget)."""
+    """Loads each view of ``cache`` once (with ``cfg``'s device, seed, memory budget and train_limit)."""
 
     def __init__(self, cache, cfg: TrainConfig):
         self.cache, self.cfg, self.loaded = cache, cfg, {}
@@ -59,7 +59,7 @@ class Views:
     def get(self, view: str) -> TrainData:
         if view not in self.loaded:
             self.loaded[view] = load_data(self.cache, view, device=self.cfg.device, seed=self.cfg.seed,
-                                          memory_gb=self.cfg.memory_gb)
+                                          memory_gb=self.cfg.memory_gb, train_limit=self.cfg.train_limit)
         return self.loaded[view]
 
     def for_head(self, name: str) -> TrainData:

@@ -76,11 +76,13 @@ class TrainConfig:
     max_epochs: int | None = _opt("epoch ceiling")
     patience: int | None = _opt("early stopping: epochs without a better validation metric")
     lr_patience: int | None = _opt("epochs without improvement before the LR is halved")
-    seed: int = _opt("seeds the head's initialisation, dropout and the batch order", 0)
+    seed: int = _opt("seeds the head's initialisation, dropout, the batch order and the --train-limit sample", 0)
     # head2toe baseline
     lasso: float = _opt("head2toe group-lasso coefficient", 1e-2)
     keep: float = _opt("head2toe: fraction of layers (groups) kept by weight norm", 0.25)
     # data and machine
+    train_limit: int | None = _opt("train on a seeded sample of N training examples (validation and test stay "
+                                   "whole); None = all")
     pool: str | None = _opt("pooled view for pooled heads (None = mean if present)")
     memory_gb: float = _opt("RAM budget for the tokens view: loaded whole below it, streamed above", 8.0)
     device: str = _opt("auto | cpu | cuda | cuda:N | mps", "auto")
@@ -99,7 +101,7 @@ def _check(c: TrainConfig) -> None:
     if c.preset is not None and c.preset not in PRESETS:
         raise AdlError(f"unknown preset {c.preset!r}; use one of {', '.join(PRESETS)}")
     ints = dict(k=1, heads=1, layers_enc=1, ff=1, batch_size=1, max_epochs=1, patience=1, lr_patience=0,
-                hidden=1, seed=0)
+                hidden=1, seed=0, train_limit=1)
     for name, low in ints.items():
         v = getattr(c, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):

@@ -29,10 +29,15 @@ The order depends only on (seed, epoch): the same command gives the same batches
 
 On CUDA every batch is built in pinned host memory and copied with ``non_blocking=True``.
 
+A training sample (``train_limit`` N, for learning curves): N training examples drawn with the
+run's seed and kept in cache order; validation and test stay whole. The sample's tokens are
+gathered from the cache in bounded contiguous reads and loaded whole, so they count toward
+``memory_gb`` (the other splits stream when they do not fit beside them).
+
 Checks: NaN or inf in any split (train, validation, test) is one AdlError naming the split and
 layers, raised when the split is loaded (a streamed split: when each block is read, so
-before any of its values reach a head); a train split with fewer than two classes is
-refused with the count of every class.
+before any of its values reach a head); a train split (or sample) with fewer than two
+classes is refused with the count of every class.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from torch import Tensor
 from adl.errors import AdlError
 
 BUCKET = 32  # batches per length-sorting pool
+READ_BYTES = 1 << 28  # float32 bytes per cache read when gathering a sample's tokens
 
 
 @dataclass
@@ -58,15 +64,24 @@ class Batch:
 
 
 class SplitData:
-    """One split of one cache view, ready to batch. ``labels`` are the cache's labels (numpy)."""
+    """One split of one cache view, ready to batch. ``labels`` are the cache's labels (numpy).
 
-    def __init__(self, cache, split: str, view: str, *, device: str, seed: int, block_tokens: int | None):
-        self.split, self.view, self.task, self.seed = split, view, cache.task, seed
+    ``rows`` (sorted example indices) keeps only those examples, renumbered 0..n-1 and loaded
+    whole; ``self.rows`` maps them back to the cache (None = every example).
+    """
+
+    def __init__(self, cache, split: str, view: str, *, device: str, seed: int, block_tokens: int | None,
+                 rows: np.ndarray | None = None):
+        self.split, self.view, self.task, self.seed, self.rows = split, view, cache.task, seed, rows
         self.layers = cache.layers
         self.device = torch.device(device)
         self.labels = cache.labels(split)  # (N,) or flat (total_tokens,)
         if view == "tokens":
             self._values, self.offsets = cache.read(split, "tokens")
+            if rows is not None:
+                self._values, self.offsets, tokens = _gather(self._values, self.offsets, rows)
+                self.labels = self.labels[tokens if self.task == "token" else rows]
+                block_tokens = None
             self.n = len(self.offsets) - 1
             self.lengths = np.diff(self.offsets)
             self.n_layers, self.dim = self._values.shape[1:]
@@ -75,7 +90,10 @@ class SplitData:
             if block_tokens is None:
                 self._resident = self._finite(torch.from_numpy(np.asarray(self._values[:], np.float32)))
         else:
-            x = self._finite(torch.from_numpy(np.ascontiguousarray(cache.read(split, view))))  # (N, L, H)
+            x = cache.read(split, view)  # (N, L, H)
+            if rows is not None:
+                x, self.labels = x[rows], self.labels[rows]
+            x = self._finite(torch.from_numpy(np.ascontiguousarray(x)))
             self.n, self.n_layers, self.dim = x.shape
             self.x = _place(x, self.device)
             y = np.where(self.labels < 0, -100, self.labels)
@@ -163,6 +181,39 @@ def _place(x: Tensor, device: torch.device) -> Tensor:
     return x.to(device) if x.numel() * 4 < free // 2 else x.pin_memory()
 
 
+def _gather(values, offsets: np.ndarray, rows: np.ndarray,
+            read_bytes: int = READ_BYTES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Examples ``rows`` (sorted) of a tokens view: their tokens as one float32 array, their new
+    offsets, and the cache index of every kept token (to gather per-token labels).
+
+    The cache is read in contiguous runs of at most ``read_bytes`` (as float32), each starting
+    at the next kept token, and the kept tokens are picked from a run by fancy indexing: the
+    memory stays bounded and nothing is read twice, where reading example by example would
+    decode a zarr chunk per example.
+    """
+    lengths = np.diff(offsets)[rows]
+    new = np.concatenate([[0], np.cumsum(lengths)])
+    src = np.arange(new[-1]) + np.repeat(offsets[rows] - new[:-1], lengths)  # cache row of each kept token
+    out = np.empty((len(src), *values.shape[1:]), np.float32)
+    run = max(1, read_bytes // (4 * int(np.prod(values.shape[1:]))))
+    i = 0
+    while i < len(src):
+        a = int(src[i])
+        j = int(np.searchsorted(src, a + run))
+        out[i:j] = values[a:int(src[j - 1]) + 1][src[i:j] - a]
+        i = j
+    return out, new, src
+
+
+def _sample(n: int, limit: int | None, seed: int) -> np.ndarray | None:
+    """Sorted indices of ``limit`` of ``n`` examples drawn with ``seed``; None (all) when there
+    is no limit or it covers the split. Sorted, so the sample keeps the cache's row order
+    (by length, as the other splits) and the same seed gives the same batches."""
+    if limit is None or limit >= n:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+
+
 def _blocks(lengths: np.ndarray, block_tokens: int) -> list[tuple[int, int]]:
     """Contiguous example ranges [a, e) holding <= max(block_tokens, longest example) tokens each."""
     cap = max(int(block_tokens), int(lengths.max()) if len(lengths) else 1)
@@ -191,15 +242,17 @@ def _batch_indices(idx: np.ndarray, lengths: np.ndarray, batch_size: int, rng) -
     return [out[i] for i in rng.permutation(len(out))]
 
 
-def _check_classes(cache) -> None:
-    """A train split with fewer than two classes would train a head to loss 0 and report
-    accuracy 1.0: refuse it, with the count of every class."""
-    y = cache.labels("train")
+def _check_classes(cache, train: SplitData) -> None:
+    """A train split (or sample) with fewer than two classes would train a head to loss 0 and
+    report accuracy 1.0: refuse it, with the count of every class."""
+    y = train.labels
     counts = np.bincount(y[y >= 0], minlength=len(cache.label_names))
     if np.count_nonzero(counts) < 2:
         shown = ", ".join(f"{name}: {int(c)}" for name, c in zip(cache.label_names, counts))
-        raise AdlError(f"the train split of {cache.root} has fewer than two classes ({shown or 'no labels'}); "
-                       "a head needs at least two: re-extract with data holding every class")
+        what, fix = (("split", "re-extract with data holding every class") if train.rows is None else
+                     (f"sample of {train.n} examples", "raise --train-limit or change --seed"))
+        raise AdlError(f"the train {what} of {cache.root} has fewer than two classes ({shown or 'no labels'}); "
+                       f"a head needs at least two: {fix}")
 
 
 @dataclass
@@ -227,8 +280,10 @@ class TrainData:
         return max(s.max_len for s in (self.train, self.validation, self.test) if s is not None)
 
 
-def load_data(cache, view: str, *, device: str, seed: int, memory_gb: float) -> TrainData:
-    """Open train / validation / (test) of ``view``; the tokens view streams beyond ``memory_gb``."""
+def load_data(cache, view: str, *, device: str, seed: int, memory_gb: float,
+              train_limit: int | None = None) -> TrainData:
+    """Open train / validation / (test) of ``view``; the tokens view streams beyond ``memory_gb``.
+    ``train_limit`` keeps a sample of that many training examples drawn with ``seed``."""
     for split in ("train", "validation"):
         if split not in cache.splits:
             raise AdlError(f"{cache.root} has no {split!r} split (it has {', '.join(cache.splits)}); "
@@ -236,14 +291,24 @@ def load_data(cache, view: str, *, device: str, seed: int, memory_gb: float) -> 
         if not cache.labeled(split):
             raise AdlError(f"split {split!r} of {cache.root} is unlabeled; training needs labels there")
     splits = ["train", "validation"] + (["test"] if "test" in cache.splits and cache.labeled("test") else [])
+    rows = _sample(int(cache.manifest["splits"]["train"]["n"]), train_limit, seed)
     block_tokens = None
     if view == "tokens":
-        L, D = len(cache.layers), int(cache.manifest["token_dim"])
-        total = sum(int(cache.offsets(s)[-1]) for s in splits) * L * D * 4
-        budget = memory_gb * 1e9
-        block_tokens = None if total <= budget else max(1, int(budget / 2 / (L * D * 4)))
-    _check_classes(cache)
-    parts = [SplitData(cache, s, view, device=device, seed=seed, block_tokens=block_tokens) for s in splits]
+        row_bytes = len(cache.layers) * int(cache.manifest["token_dim"]) * 4
+        tokens = {s: int(cache.offsets(s)[-1]) for s in splits}
+        if rows is not None:
+            tokens["train"] = int(np.diff(cache.offsets("train"))[rows].sum())
+        budget, sample = memory_gb * 1e9, (tokens["train"] * row_bytes if rows is not None else 0)
+        if sample > budget:
+            raise AdlError(f"--train-limit {train_limit}: the sample's tokens take {sample / 1e9:.1f} GB as float32, "
+                           f"more than --memory-gb {memory_gb:g} (a sample is loaded whole); raise --memory-gb or "
+                           "lower --train-limit")
+        total = sum(tokens.values()) * row_bytes
+        block_tokens = None if total <= budget else max(1, int((budget - sample) / 2 / row_bytes))
+    train = SplitData(cache, "train", view, device=device, seed=seed, block_tokens=block_tokens, rows=rows)
+    _check_classes(cache, train)
+    parts = [train] + [SplitData(cache, s, view, device=device, seed=seed, block_tokens=block_tokens)
+                       for s in splits[1:]]
     if parts[0].n_layers != len(cache.layers):
         raise AdlError(f"{cache.root}: the {view} view holds {parts[0].n_layers} layers but the manifest lists "
                        f"{len(cache.layers)}; the cache is inconsistent, re-extract it with --overwrite")

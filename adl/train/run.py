@@ -3,7 +3,8 @@
 A run folder (``--out``, default ``runs/<cache>-<head>-<YYYYmmdd-HHMMSS>``) holds:
 
     config.json                {"config": resolved TrainConfig, "cache_hash", "adl_version", "view"}
-    metrics.json               validation (best epoch) and test metrics, per class / per type
+    metrics.json               validation (best epoch) and test metrics, per class / per type,
+                               and the number of training examples used
     history.csv                per epoch: loss, val_<metric>..., lr, seconds, w_<layer>...
     head.safetensors           the head's tensors (no pickles)
     head.json                  spec + label names + layers + task + view: rebuilds the head
@@ -93,10 +94,10 @@ def write_history(path: Path, history: list[dict]) -> None:
         write_csv(path, history)
 
 
-def metrics_doc(result: FitResult, layers: list[int], head: str, view: str) -> dict:
-    return {"head": head, "view": view, "metric": result.metric, "best_epoch": result.best_epoch,
-            "stop_reason": result.stop_reason, "validation": result.validation, "test": result.test,
-            "layer_weights": {str(l): w for l, w in zip(layers, result.weights)},
+def metrics_doc(result: FitResult, layers: list[int], head: str, view: str, train_examples: int) -> dict:
+    return {"head": head, "view": view, "train_examples": train_examples, "metric": result.metric,
+            "best_epoch": result.best_epoch, "stop_reason": result.stop_reason, "validation": result.validation,
+            "test": result.test, "layer_weights": {str(l): w for l, w in zip(layers, result.weights)},
             "active_layers": [layers[i] for i in result.active_layers], "params": result.params,
             "seconds": round(result.seconds, 3), "epochs": len(result.history)}
 
@@ -116,7 +117,8 @@ def run_train(cfg: TrainConfig, *, console: Console | None = None) -> dict:
     if picked:
         console.print(f"head: {cfg.head} (picked because the cache {'has' if view == 'tokens' else 'lacks'} "
                       "a tokens view; choose with --head)")
-    data = load_data(cache, view, device=cfg.device, seed=cfg.seed, memory_gb=cfg.memory_gb)
+    data = load_data(cache, view, device=cfg.device, seed=cfg.seed, memory_gb=cfg.memory_gb,
+                     train_limit=cfg.train_limit)
     torch.manual_seed(cfg.seed)
     head = make_head(cfg, data, cache.manifest)
     write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "cache_hash": cache.hash,
@@ -141,14 +143,15 @@ def run_train(cfg: TrainConfig, *, console: Console | None = None) -> dict:
         where = f" in {out}/head.safetensors (the unfinished run)" if e.best_epoch else ""
         raise AdlError(f"{e}{where}") from None
     save_head(out, head, {**info, "epoch": result.best_epoch})
-    doc = metrics_doc(result, data.layers, cfg.head, view)
+    doc = metrics_doc(result, data.layers, cfg.head, view, data.train.n)
     write_json(out / "metrics.json", doc)
     write_history(out / "history.csv", result.history)
     plot_weight_history(result.history, data.layers, out / "layer_weights.png")
     plot_final_weights(result.weights, data.layers, out / "layer_weights_final.png")
     publish(out, final)
     out = final
-    console.print(summary_line(cfg.head, doc) + f" | {time.perf_counter() - t0:.1f}s total | {out}",
+    sample = f" | {data.train.n} training examples" if cfg.train_limit is not None else ""
+    console.print(summary_line(cfg.head, doc) + f"{sample} | {time.perf_counter() - t0:.1f}s total | {out}",
                   highlight=False, soft_wrap=True)
     console.print(f"plots: {out / 'layer_weights.png'}, {out / 'layer_weights_final.png'}", highlight=False,
                   soft_wrap=True)
