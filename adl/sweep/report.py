@@ -110,11 +110,13 @@ def read_baselines(paths: list[Path], metric: str) -> list[dict]:
     return []
 
 
-def baseline_paths(out: Path, cache: str, given: str | None = None) -> list[Path]:
+def baseline_paths(out: Path, cache: str, given: str | None = None, sampled: bool = False) -> list[Path]:
+    """Where a sweep's baselines are: the given file, else its own, else the cache folder's (not
+    when the sweep trains on a --train-limit sample: those were fitted on the whole split)."""
     if given not in (None, "auto", "off"):
         p = Path(given)
         return [p / "baselines.csv" if p.is_dir() else p]
-    return [out / "baselines.csv", Path(cache) / "baselines.csv"]
+    return [out / "baselines.csv"] + ([] if sampled else [Path(cache) / "baselines.csv"])
 
 
 def write_outputs(out: Path, study: optuna.Study, *, console: Console, top: int = 10,
@@ -125,12 +127,13 @@ def write_outputs(out: Path, study: optuna.Study, *, console: Console, top: int 
         raise AdlError(f"study {study.study_name!r} was not written by adl sweep; nothing to report")
     dims, layers, metric = meta["dims"], meta["layers"], meta["metric"]
     rows = flat_rows(study_records(study), dims, layers, metric)
-    cache = read_json(out / "sweep.json")["cache"] if (out / "sweep.json").is_file() else ""
+    info = read_json(out / "sweep.json") if (out / "sweep.json").is_file() else {}
+    cache, sampled = info.get("cache", ""), info.get("train_limit") is not None
     points = by_point(rows, dims, metric)
     if rows:
         write_csv(out / "results.csv", rows)
     write_json(out / "best.json", best_doc(points, meta, cache))
-    base_rows = read_baselines(baseline_paths(out, cache, baselines), metric) if baselines != "off" else []
+    base_rows = read_baselines(baseline_paths(out, cache, baselines, sampled), metric) if baselines != "off" else []
     figures = draw_all(out, rows, base_rows, dims, layers, metric)
     progress = study_progress(study)
     if points:

@@ -189,7 +189,8 @@ def train_baselines(worker: Worker, out) -> None:
 
     cfg, cache = worker.cfg, worker.cache
     with FileLock(str(out / ".baselines.lock")):
-        if any(p.is_file() for p in baseline_paths(out, str(cache.root))):
+        sampled = cfg.fixed.train_limit is not None
+        if any(p.is_file() for p in baseline_paths(out, str(cache.root), sampled=sampled)):
             return
         base = resolve(cfg.fixed, cache)
         if base.head not in ("adalayers", "adalayers-pooled"):
@@ -229,6 +230,7 @@ def run_sweep(cfg: SweepConfig, *, console: Console | None = None) -> dict:
     write_json(out / "sweep.json", {"storage": "default" if cfg.storage is None else safe_url(cfg.storage),
                                     "study": study.study.study_name, "cache": str(cache.root),
                                     "definition": cfg.definition(), "digest": cfg.digest(),
+                                    "train_limit": cfg.fixed.train_limit,
                                     "adl_version": __version__})
     total = len(space.points) if space.search == "grid" else cfg.trials
     console.print(f"sweep {study.study.study_name}: {cfg.search}, {total} trials, storage "
