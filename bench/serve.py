@@ -151,7 +151,7 @@ def load(url: str, texts: list[str], concurrency: int, seconds: float, work: Pat
     script.write_text(LUA % ", ".join(lua_string(json.dumps({"texts": [t]})) for t in texts))
 
     def wrk(duration: float) -> dict:
-        out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{duration}s", "--timeout", "60s", "-s",
+        out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{int(duration)}s", "--timeout", "60s", "-s",
                               str(script), url], capture_output=True, text=True, check=True).stdout
         return json.loads(next(line[4:] for line in out.splitlines() if line.startswith("ADL ")))
 
@@ -197,7 +197,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/serve-bench")
     ap.add_argument("--n", type=int, default=256, help="distinct real tweets")
-    ap.add_argument("--seconds", type=float, default=15, help="timed load per concurrency level (wrk -d)")
+    ap.add_argument("--seconds", type=int, default=15, help="timed load per concurrency level (wrk -d)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--screenshot", default=None)
     args = ap.parse_args()
