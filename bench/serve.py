@@ -146,7 +146,8 @@ def lua_string(text: str) -> str:
 def load(url: str, texts: list[str], concurrency: int, seconds: float, work: Path) -> dict:
     """Closed loop with wrk (C, one thread, ``concurrency`` keep-alive connections, each sends its
     next tweet as soon as its answer is back) for ``seconds`` after a 2 s warm-up. A C generator
-    takes little of the two cores the server shares with it (a Python client took a third)."""
+    takes little of the two cores the server shares with it: with the earlier httpx client, the
+    server's batches at concurrency 32 held 13 texts on average; with wrk they hold 32."""
     script = work / "post.lua"
     script.write_text(LUA % ", ".join(lua_string(json.dumps({"texts": [t]})) for t in texts))
 
