@@ -1,0 +1,163 @@
+"""A learning curve (not a test): adl's default heads against the probes a practitioner fits,
+from a few hundred training examples to the whole training split.
+
+    .venv/bin/python bench/curve.py --cache cache/tweets --sizes 500,2000,all --seeds 0,1,2
+    .venv/bin/python bench/curve.py --cache cache/wnut16 --sizes all --seeds 0,1,2 --name wnut16
+
+One cache per data set (with a tokens view and a pooled:mean view). For every training size N
+and seed s, each method trains on the same seeded sample of N training examples
+(``--train-limit N --seed s``; validation and test stay whole) and every choice is made on
+validation:
+
+    adalayers (defaults)     `adl train` with no hyperparameter flag (the tokens head)
+    adalayers-pooled         `adl train --head adalayers-pooled`, otherwise defaults
+    probe (val-picked layer) an L2 logistic regression per layer, C chosen on validation, then
+                             the layer with the best validation score
+    concat probe             the same on all layers concatenated
+    scalar mix               ELMo's scalar mix, then linear (defaults)
+
+Runs go through ``run_train`` in this process, as `adl train` runs them. Writes
+bench/results/curve-<name>.json (every run's validation and test score, and the table) and
+docs/curve-<name>.png (test metric against training size, mean and standard deviation over
+seeds, one line per method); prints the markdown table with where adalayers wins, ties
+(within the larger of the two seed spreads) or loses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from rich.console import Console  # noqa: E402
+
+from adl.cache import open_cache  # noqa: E402
+from adl.train.config import TrainConfig  # noqa: E402
+from adl.train.metrics import selection_metric  # noqa: E402
+from adl.train.run import run_train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("adalayers (defaults)", "adalayers-pooled", "probe (val-picked layer)", "concat probe", "scalar mix")
+
+
+def train(cfg: TrainConfig, metric: str) -> dict:
+    doc = run_train(cfg, console=Console(quiet=True))["metrics"]
+    return {"val": doc["validation"][metric], "test": doc["test"][metric], "seconds": doc.get("seconds")}
+
+
+def one_point(cache: Path, n: int | None, seed: int, work: Path, metric: str, layers: list[int],
+              methods: tuple[str, ...]) -> dict:
+    """Every method on one (size, seed): {method: {"val", "test", ...}}."""
+    base = TrainConfig(cache=str(cache), seed=seed, train_limit=n, device="cpu", overwrite=True)
+    out = lambda name: str(work / f"{n or 'all'}-{seed}" / name)  # noqa: E731
+    res = {"adalayers (defaults)": train(dataclasses.replace(base, out=out("adalayers")), metric)}
+    if "adalayers-pooled" in methods:  # sequence tasks only: a pooled head has no tokens to tag
+        res["adalayers-pooled"] = train(dataclasses.replace(base, head="adalayers-pooled", out=out("pooled")), metric)
+    probes = {layer: train(dataclasses.replace(base, head="linear-probe", layer=layer, out=out(f"probe-{layer}")),
+                           metric) for layer in layers}
+    best = max(probes, key=lambda layer: probes[layer]["val"])  # picked on validation, never on test
+    res["probe (val-picked layer)"] = {**probes[best], "layer": best}
+    res["concat probe"] = train(dataclasses.replace(base, head="concat-probe", out=out("concat")), metric)
+    res["scalar mix"] = train(dataclasses.replace(base, head="scalar-mix", out=out("scalar-mix")), metric)
+    return res
+
+
+def summarise(points: dict, sizes: list[str], methods: tuple[str, ...]) -> list[dict]:
+    """Per size and method: mean and std of the test metric over seeds; adalayers' verdict."""
+    rows = []
+    for size in sizes:
+        per = {m: [p[m]["test"] for p in points[size]] for m in methods}
+        stat = {m: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for m, v in per.items()}
+        probe = max(("probe (val-picked layer)", "concat probe"), key=lambda m: stat[m][0])
+        for m in methods:
+            row = {"size": size, "method": m, "mean": stat[m][0], "std": stat[m][1], "seeds": len(per[m])}
+            if m.startswith("adalayers"):
+                gap, spread = stat[m][0] - stat[probe][0], max(stat[m][1], stat[probe][1])
+                row["vs_best_probe"] = {"probe": probe, "delta": gap, "spread": spread,
+                                        "verdict": "wins" if gap > spread else "loses" if gap < -spread else "ties"}
+            rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], metric: str, train_n: dict) -> str:
+    lines = [f"| train examples | method | test {metric} (mean ± std) | vs the better probe |", "|---|---|---|---|"]
+    for r in rows:
+        v = r.get("vs_best_probe")
+        verdict = "" if v is None else f"{v['verdict']} ({100 * v['delta']:+.2f} points, spread {100 * v['spread']:.2f})"
+        lines.append(f"| {train_n[r['size']]:,} | {r['method']} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} | "
+                     f"{verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], metric: str, train_n: dict, title: str, path: Path, methods: tuple[str, ...]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, m in enumerate(methods):
+        rs = [r for r in rows if r["method"] == m]
+        x = [train_n[r["size"]] * (1 + 0.03 * (i - 2)) for r in rs]  # a small offset keeps error bars apart
+        ax.errorbar(x, [100 * r["mean"] for r in rs], yerr=[100 * r["std"] for r in rs], marker="o", capsize=3,
+                    label=m, linewidth=2 if m.startswith("adalayers") else 1.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("training examples (log scale)")
+    ax.set_ylabel(f"test {metric} (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", required=True)
+    ap.add_argument("--name", default=None, help="data set name in the output files (default: the cache folder's)")
+    ap.add_argument("--sizes", default="500,2000,all", help="training sizes; 'all' is the whole training split")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--work", default="/tmp/adl-bench-curve")
+    a = ap.parse_args()
+    cache = open_cache(a.cache)
+    name = a.name or Path(a.cache).name
+    metric = selection_metric(cache.task)
+    total = int(cache.manifest["splits"]["train"]["n"])
+    sizes = a.sizes.split(",")
+    train_n = {s: total if s == "all" else min(int(s), total) for s in sizes}
+    work = Path(a.work) / name
+    methods = tuple(m for m in METHODS if cache.task == "sequence" or m != "adalayers-pooled")
+    t0, points = time.perf_counter(), {}
+    for size in sizes:
+        points[size] = []
+        for seed in map(int, a.seeds.split(",")):
+            t = time.perf_counter()
+            points[size].append(one_point(Path(a.cache), None if size == "all" else int(size), seed, work, metric,
+                                          list(range(len(cache.layers))), methods))
+            print(f"{name} n={train_n[size]} seed={seed}: " + ", ".join(
+                f"{m} {100 * points[size][-1][m]['test']:.2f}" for m in methods) + f" ({time.perf_counter() - t:.0f}s)",
+                flush=True)
+    rows = summarise(points, sizes, methods)
+    table = markdown(rows, metric, train_n)
+    png = ROOT / "docs" / f"curve-{name}.png"
+    plot(rows, metric, train_n, f"{name}: {cache.manifest['model'].get('name') or cache.manifest['model']['id']}, "
+                                f"{len(a.seeds.split(','))} seeds", png, methods)
+    out = ROOT / "bench" / "results" / f"curve-{name}.json"
+    out.write_text(json.dumps({"cache": a.cache, "metric": metric, "train_sizes": train_n, "points": points,
+                               "rows": rows, "markdown": table, "seconds": round(time.perf_counter() - t0, 1),
+                               "load_average_end": os.getloadavg(), "command": "bench/curve.py " + " ".join(sys.argv[1:])},
+                              indent=2) + "\n")
+    print(table)
+    print(f"wrote {out} and {png}")
+
+
+if __name__ == "__main__":
+    main()
