@@ -36,16 +36,25 @@ def test_train_writes_a_run_that_rebuilds_without_the_cache(caches, tmp_path, na
     out = tmp_path / "run"
     res = invoke("train", "--cache", caches[name], "--out", out, "--lambda", "0.02", *FAST)
     assert res.exit_code == 0, res.output
-    assert "head: adalayers (picked" in res.output and "trainable parameters" in res.output
+    assert "trainable parameters" in res.output
     assert "epoch 1: loss " in res.output  # not a terminal (a log file): one plain line per epoch
     for f in ("config.json", "metrics.json", "history.csv", "head.safetensors", "head.json",
               "layer_weights.png", "layer_weights_final.png"):
         assert (out / f).is_file(), f
     config = json.loads((out / "config.json").read_text())
-    assert config["config"]["lam"] == 0.02 and config["config"]["head"] == "adalayers"
-    assert config["cache_hash"] == open_cache(caches[name]).hash and "adl_version" in config
     metrics = json.loads((out / "metrics.json").read_text())
     m = "f1" if name == "ner" else "accuracy"
+    if name == "ner":  # a token task: the tokens head, no choice
+        assert "head: adalayers (picked" in res.output and "candidates" not in metrics
+    else:  # tokens and pooled views: both heads, the better on validation kept, and said
+        assert "head: the better on validation of adalayers (tokens) and adalayers-pooled" in res.output
+        tried = metrics["candidates"]
+        assert set(tried) == {"adalayers", "adalayers-pooled"}
+        kept = max(tried, key=lambda h: (tried[h][f"validation_{m}"], h == "adalayers"))
+        assert config["config"]["head"] == kept == metrics["head"] and f"kept {kept} " in res.output
+        assert metrics["validation"][m] == tried[kept][f"validation_{m}"]
+    assert config["config"]["lam"] == 0.02 and config["config"]["head"] in ("adalayers", "adalayers-pooled")
+    assert config["cache_hash"] == open_cache(caches[name]).hash and "adl_version" in config
     assert metrics["metric"] == m and set(metrics) >= {"validation", "test", "active_layers", "params"}
     assert ("per_type" if name == "ner" else "per_class") in metrics["test"]
     with open(out / "history.csv") as f:
@@ -55,6 +64,7 @@ def test_train_writes_a_run_that_rebuilds_without_the_cache(caches, tmp_path, na
     # the saved head alone reproduces the test metrics
     head, info = load_head(out)
     assert info["label_names"] == open_cache(caches[name]).label_names and info["layers"] == [0, 1, 2, 3]
+    assert info["view"] == config["view"]
     data = load_data(open_cache(caches[name]), info["view"], device="cpu", seed=0, memory_gb=1.0)
     assert score(predict(head, data.test, 8), data.test, info["label_names"]) == metrics["test"]
 
@@ -127,7 +137,7 @@ def test_projected_cache_head_skips_its_gelu(tmp_path):
     """Tokens stored as P gelu(Z) (adl extract --project): the head must not apply GELU again."""
     root = write_synthetic_cache(tmp_path / "proj", n=(16, 8, 8), projection={"method": "random", "dim": 8,
                                                                               "activation": "gelu"})
-    res = invoke("train", "--cache", root, "--out", tmp_path / "r", *FAST[:-1], "1")
+    res = invoke("train", "--cache", root, "--head", "adalayers", "--out", tmp_path / "r", *FAST[:-1], "1")
     assert res.exit_code == 0, res.output
     head, info = load_head(tmp_path / "r")
     assert info["spec"]["activation"] is False and head.mix.activation is False

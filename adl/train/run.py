@@ -37,7 +37,7 @@ from adl import __version__
 from adl.cache import open_cache, write_csv, write_json
 from adl.cache.durable import refuse_unsafe_out
 from adl.errors import AdlError
-from adl.train.config import TrainConfig, resolve, view_for
+from adl.train.config import TrainConfig, pooled_view, resolve, view_for
 from adl.train.console import EpochTable, summary_line
 from adl.train.data import load_data
 from adl.train.head_io import make_head, save_head
@@ -104,28 +104,40 @@ def metrics_doc(result: FitResult, layers: list[int], head: str, view: str, trai
 
 # ---- the recipe ----------------------------------------------------------------------------
 
-def run_train(cfg: TrainConfig, *, console: Console | None = None) -> dict:
-    """Train one head on a cache and write the run folder; returns {"out", "config", "metrics"}."""
-    console = console or Console()
-    t0 = time.perf_counter()
-    cache = open_cache(cfg.cache)
-    picked = cfg.head is None
-    cfg = resolve(cfg, cache)
+@dataclasses.dataclass
+class Trained:
+    cfg: TrainConfig
+    view: str
+    data: object  # TrainData
+    head: torch.nn.Module
+    result: FitResult
+    info: dict  # head.json's task, layers, view, pool, projection
+
+
+def candidates(cfg: TrainConfig, cache) -> list[TrainConfig]:
+    """The resolved configs ``adl train`` tries. One, unless the head is left to adl on a
+    sequence task whose cache has a tokens and a pooled view: then the tokens head and
+    adalayers-pooled, both with the preset's values, and the better on validation is kept.
+
+    Why (docs/quality.md, bench/curve.py): on tweets from 500 to 4,000 training examples the
+    pooled head scored above the tokens head and above the best linear probe, where the tokens
+    head could lose to the probe; the published setups (IMDB, 25k long reviews) favour the tokens
+    head. A pooled candidate costs a few percent of a tokens head's training, so adl trains both
+    rather than guess from the data size."""
+    first = resolve(cfg, cache)
+    if cfg.head is not None or cache.task != "sequence" or first.head != "adalayers" or pooled_view(cache, cfg.pool) is None:
+        return [first]
+    return [first, resolve(dataclasses.replace(cfg, head="adalayers-pooled"), cache)]
+
+
+def fit_candidate(cfg: TrainConfig, cache, console: Console, out: Path | None) -> Trained:
+    """Load the view, build and train one head with the live table; with ``out``, the head is
+    saved there at every validation improvement and history.csv after every epoch."""
     view = view_for(cfg.head, cache, cfg.pool)
-    final = Path(cfg.out)
-    out = prepare_out(cfg.out, cfg.overwrite)
-    if picked:
-        console.print(f"head: {cfg.head} (picked because the cache {'has' if view == 'tokens' else 'lacks'} "
-                      "a tokens view; choose with --head)")
     data = load_data(cache, view, device=cfg.device, seed=cfg.seed, memory_gb=cfg.memory_gb,
                      train_limit=cfg.train_limit)
     torch.manual_seed(cfg.seed)
     head = make_head(cfg, data, cache.manifest)
-    write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "cache_hash": cache.hash,
-                                     "adl_version": __version__, "view": view})
-    write_json(out / "cache_manifest.json", cache.manifest)
-    if (cache.root / "projection.safetensors").is_file() and view == "tokens":
-        shutil.copyfile(cache.root / "projection.safetensors", out / "projection.safetensors")
     info = {"label_names": data.label_names, "layers": data.layers, "task": data.task, "view": view,
             "pool": view.split(":", 1)[1] if view.startswith("pooled:") else None,
             "projection": cache.manifest.get("projection") if view == "tokens" else None, "cache_hash": cache.hash}
@@ -133,17 +145,50 @@ def run_train(cfg: TrainConfig, *, console: Console | None = None) -> dict:
 
     def on_epoch(i: int, row: dict) -> None:
         table.update(row)
-        write_history(out / "history.csv", table.history)  # an interrupted run keeps its history
+        if out is not None:
+            write_history(out / "history.csv", table.history)  # an interrupted run keeps its history
 
+    on_best = None if out is None else (lambda i, epoch: save_head(out, head, {**info, "epoch": epoch}))
     try:
         with table:
-            result = fit_head(head, data, cfg, on_epoch=on_epoch,
-                         on_best=lambda i, epoch: save_head(out, head, {**info, "epoch": epoch}))
+            result = fit_head(head, data, cfg, on_epoch=on_epoch, on_best=on_best)
     except TrainingDiverged as e:
-        where = f" in {out}/head.safetensors (the unfinished run)" if e.best_epoch else ""
+        where = f" in {out}/head.safetensors (the unfinished run)" if e.best_epoch and out is not None else ""
         raise AdlError(f"{e}{where}") from None
-    save_head(out, head, {**info, "epoch": result.best_epoch})
+    return Trained(cfg, view, data, head, result, info)
+
+
+def run_train(cfg: TrainConfig, *, console: Console | None = None) -> dict:
+    """Train one head on a cache and write the run folder; returns {"out", "config", "metrics"}."""
+    console = console or Console()
+    t0 = time.perf_counter()
+    cache = open_cache(cfg.cache)
+    configs = candidates(cfg, cache)
+    final = Path(configs[0].out)
+    out = prepare_out(configs[0].out, configs[0].overwrite)
+    if cfg.head is None and len(configs) == 1:
+        has = "has" if configs[0].head == "adalayers" else "lacks"
+        console.print(f"head: {configs[0].head} (picked because the cache {has} a tokens view; choose with --head)")
+    elif len(configs) > 1:
+        console.print("head: the better on validation of adalayers (tokens) and adalayers-pooled, both with the "
+                      f"{configs[0].preset} preset (choose one with --head)", highlight=False, soft_wrap=True)
+    write_json(out / "cache_manifest.json", cache.manifest)
+    tried = [fit_candidate(c, cache, console, out if i == 0 else None) for i, c in enumerate(configs)]
+    metric = tried[0].result.metric
+    best = max(tried, key=lambda t: t.result.validation[metric])  # the first wins a tie
+    cfg, view, data, result = best.cfg, best.view, best.data, best.result
+    if len(tried) > 1:
+        scores = ", ".join(f"{t.cfg.head} {t.result.validation[metric]:.4f}" for t in tried)
+        console.print(f"kept {cfg.head} (validation {metric}: {scores})", highlight=False, soft_wrap=True)
+    write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "cache_hash": cache.hash,
+                                     "adl_version": __version__, "view": view})
+    if (cache.root / "projection.safetensors").is_file() and view == "tokens":
+        shutil.copyfile(cache.root / "projection.safetensors", out / "projection.safetensors")
+    save_head(out, best.head, {**best.info, "epoch": result.best_epoch})
     doc = metrics_doc(result, data.layers, cfg.head, view, data.train.n)
+    if len(tried) > 1:
+        doc["candidates"] = {t.cfg.head: {"view": t.view, f"validation_{metric}": t.result.validation[metric],
+                                          "best_epoch": t.result.best_epoch} for t in tried}
     write_json(out / "metrics.json", doc)
     write_history(out / "history.csv", result.history)
     plot_weight_history(result.history, data.layers, out / "layer_weights.png")
