@@ -44,12 +44,14 @@ def _quiet():
 
 
 def test_weights_concentrate_on_the_signal_layer(seq_cache, tmp_path):
-    doc = run_train(TrainConfig(cache=str(seq_cache), out=str(tmp_path / "run"), **TINY), console=_quiet())["metrics"]
+    doc = run_train(TrainConfig(cache=str(seq_cache), out=str(tmp_path / "run"), head="adalayers", **TINY),
+                    console=_quiet())["metrics"]
     w = np.array(list(doc["layer_weights"].values()))
     assert int(w.argmax()) == SIGNAL and w[SIGNAL] > 0.6
     assert doc["test"]["accuracy"] > 0.85
     # deterministic on CPU: a second run gives the same weights to the last bit
-    again = run_train(TrainConfig(cache=str(seq_cache), out=str(tmp_path / "again"), **TINY), console=_quiet())
+    again = run_train(TrainConfig(cache=str(seq_cache), out=str(tmp_path / "again"), head="adalayers", **TINY),
+                      console=_quiet())
     assert list(again["metrics"]["layer_weights"].values()) == list(w)
     # and a regression sentinel, loose enough for another torch release's kernels (measured with torch 2.13)
     np.testing.assert_allclose(w, PINNED_WEIGHTS, atol=0.05)
