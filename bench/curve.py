@@ -9,8 +9,13 @@ and seed s, each method trains on the same seeded sample of N training examples
 (``--train-limit N --seed s``; validation and test stay whole) and every choice is made on
 validation:
 
-    adalayers (defaults)     `adl train` with no hyperparameter flag (the tokens head)
+    adalayers (tokens)       `adl train --head adalayers`, otherwise defaults (the imdb preset)
     adalayers-pooled         `adl train --head adalayers-pooled`, otherwise defaults
+    adl train (defaults)     `adl train` with no flag: on a sequence cache with both views it
+                             trains the two heads above (identical runs: same seed, sample and
+                             config) and keeps the one with the better validation score, so its
+                             row is taken from theirs by that rule; on a token task it is
+                             adalayers (tokens)
     probe (val-picked layer) an L2 logistic regression per layer, C chosen on validation, then
                              the layer with the best validation score
     concat probe             the same on all layers concatenated
@@ -44,7 +49,9 @@ from adl.train.metrics import selection_metric  # noqa: E402
 from adl.train.run import run_train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("adalayers (defaults)", "adalayers-pooled", "probe (val-picked layer)", "concat probe", "scalar mix")
+METHODS = ("adl train (defaults)", "adalayers (tokens)", "adalayers-pooled", "probe (val-picked layer)",
+           "concat probe", "scalar mix")
+OLD_NAMES = {"adalayers (defaults)": "adalayers (tokens)"}  # results written before adl train chose on validation
 
 
 def train(cfg: TrainConfig, metric: str) -> dict:
@@ -57,7 +64,7 @@ def one_point(cache: Path, n: int | None, seed: int, work: Path, metric: str, la
     """Every method on one (size, seed): {method: {"val", "test", ...}}."""
     base = TrainConfig(cache=str(cache), seed=seed, train_limit=n, device="cpu", overwrite=True)
     out = lambda name: str(work / f"{n or 'all'}-{seed}" / name)  # noqa: E731
-    res = {"adalayers (defaults)": train(dataclasses.replace(base, out=out("adalayers")), metric)}
+    res = {"adalayers (tokens)": train(dataclasses.replace(base, head="adalayers", out=out("adalayers")), metric)}
     if "adalayers-pooled" in methods:  # sequence tasks only: a pooled head has no tokens to tag
         res["adalayers-pooled"] = train(dataclasses.replace(base, head="adalayers-pooled", out=out("pooled")), metric)
     probes = {layer: train(dataclasses.replace(base, head="linear-probe", layer=layer, out=out(f"probe-{layer}")),
@@ -66,7 +73,16 @@ def one_point(cache: Path, n: int | None, seed: int, work: Path, metric: str, la
     res["probe (val-picked layer)"] = {**probes[best], "layer": best}
     res["concat probe"] = train(dataclasses.replace(base, head="concat-probe", out=out("concat")), metric)
     res["scalar mix"] = train(dataclasses.replace(base, head="scalar-mix", out=out("scalar-mix")), metric)
-    return res
+    return with_default(res)
+
+
+def with_default(res: dict) -> dict:
+    """Add the `adl train` default's row: the better on validation of the tokens and pooled heads
+    (a tie keeps the tokens head), as ``adl.train.run.candidates`` and ``run_train`` choose."""
+    res = {OLD_NAMES.get(k, k): v for k, v in res.items() if k != "adl train (defaults)"}
+    heads = [m for m in ("adalayers (tokens)", "adalayers-pooled") if m in res]
+    kept = max(heads, key=lambda m: (res[m]["val"], m == "adalayers (tokens)"))
+    return {"adl train (defaults)": {**res[kept], "kept": kept}, **res}
 
 
 def summarise(points: dict, sizes: list[str], methods: tuple[str, ...]) -> list[dict]:
@@ -78,7 +94,7 @@ def summarise(points: dict, sizes: list[str], methods: tuple[str, ...]) -> list[
         probe = max(("probe (val-picked layer)", "concat probe"), key=lambda m: stat[m][0])
         for m in methods:
             row = {"size": size, "method": m, "mean": stat[m][0], "std": stat[m][1], "seeds": len(per[m])}
-            if m.startswith("adalayers"):
+            if m.startswith(("adalayers", "adl train")):
                 gap, spread = stat[m][0] - stat[probe][0], max(stat[m][1], stat[probe][1])
                 row["vs_best_probe"] = {"probe": probe, "delta": gap, "spread": spread,
                                         "verdict": "wins" if gap > spread else "loses" if gap < -spread else "ties"}
@@ -105,9 +121,9 @@ def plot(rows: list[dict], metric: str, train_n: dict, title: str, path: Path, m
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, m in enumerate(methods):
         rs = [r for r in rows if r["method"] == m]
-        x = [train_n[r["size"]] * (1 + 0.03 * (i - 2)) for r in rs]  # a small offset keeps error bars apart
+        x = [train_n[r["size"]] * (1 + 0.03 * (i - 2.5)) for r in rs]  # a small offset keeps error bars apart
         ax.errorbar(x, [100 * r["mean"] for r in rs], yerr=[100 * r["std"] for r in rs], marker="o", capsize=3,
-                    label=m, linewidth=2 if m.startswith("adalayers") else 1.2)
+                    label=m, linewidth=2.5 if m.startswith("adl train") else 1.2)
     ax.set_xscale("log")
     ax.set_xlabel("training examples (log scale)")
     ax.set_ylabel(f"test {metric} (%)")
@@ -126,6 +142,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="500,2000,all", help="training sizes; 'all' is the whole training split")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--work", default="/tmp/adl-bench-curve")
+    ap.add_argument("--report", action="store_true",
+                    help="no training: rebuild the table and plot from bench/results/curve-<name>.json")
     a = ap.parse_args()
     cache = open_cache(a.cache)
     name = a.name or Path(a.cache).name
@@ -135,8 +153,14 @@ def main() -> None:
     train_n = {s: total if s == "all" else min(int(s), total) for s in sizes}
     work = Path(a.work) / name
     methods = tuple(m for m in METHODS if cache.task == "sequence" or m != "adalayers-pooled")
-    t0, points = time.perf_counter(), {}
-    for size in sizes:
+    out = ROOT / "bench" / "results" / f"curve-{name}.json"
+    t0, points, run = time.perf_counter(), {}, {}
+    if a.report:
+        earlier = json.loads(out.read_text())
+        points = {size: [with_default(p) for p in earlier["points"][size]] for size in sizes}
+        a.seeds = ",".join(str(i) for i in range(len(points[sizes[0]])))
+        run = {k: earlier[k] for k in ("seconds", "load_average_end", "command")}
+    for size in (() if a.report else sizes):
         points[size] = []
         for seed in map(int, a.seeds.split(",")):
             t = time.perf_counter()
@@ -150,11 +174,10 @@ def main() -> None:
     png = ROOT / "docs" / f"curve-{name}.png"
     plot(rows, metric, train_n, f"{name}: {cache.manifest['model'].get('name') or cache.manifest['model']['id']}, "
                                 f"{len(a.seeds.split(','))} seeds", png, methods)
-    out = ROOT / "bench" / "results" / f"curve-{name}.json"
+    run = run or {"seconds": round(time.perf_counter() - t0, 1), "load_average_end": os.getloadavg(),
+                  "command": "bench/curve.py " + " ".join(sys.argv[1:])}
     out.write_text(json.dumps({"cache": a.cache, "metric": metric, "train_sizes": train_n, "points": points,
-                               "rows": rows, "markdown": table, "seconds": round(time.perf_counter() - t0, 1),
-                               "load_average_end": os.getloadavg(), "command": "bench/curve.py " + " ".join(sys.argv[1:])},
-                              indent=2) + "\n")
+                               "rows": rows, "markdown": table, **run}, indent=2) + "\n")
     print(table)
     print(f"wrote {out} and {png}")
 
