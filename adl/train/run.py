@@ -4,7 +4,8 @@ A run folder (``--out``, default ``runs/<cache>-<head>-<YYYYmmdd-HHMMSS>``) hold
 
     config.json                {"config": resolved TrainConfig, "cache_hash", "adl_version", "view"}
     metrics.json               validation (best epoch) and test metrics, per class / per type,
-                               and the number of training examples used
+                               the number of training examples used, and the candidate heads'
+                               validation scores when adl chose the head (``candidates``)
     history.csv                per epoch: loss, val_<metric>..., lr, seconds, w_<layer>...
     head.safetensors           the head's tensors (no pickles)
     head.json                  spec + label names + layers + task + view: rebuilds the head
