@@ -5,8 +5,9 @@ size, seed: ``group_key``) and differ in per-configuration scalars only (``GROUP
 
     alpha, cutoff   LayerMix buffers, built into each head by its own config
     lam, lasso      loss coefficients, (G,) tensors
-    lr, weight_decay, patience, lr_patience, max_epochs
-                    one AdamW param group pair per configuration; stopping is ``fit_all``'s
+    lr, weight_decay    one fused AdamW group pair per distinct (lr, weight decay)
+    patience, lr_patience, max_epochs
+                    stopping and plateau halving: ``fit_all``'s, per configuration
 
 ``Group`` is a learner for ``adl.train.trainer.fit_all``, the loop every head trains with; only
 the step differs. The running configurations' parameters live in stacked leaves, one set per
@@ -19,8 +20,7 @@ whenever the loop reads them (snapshots, layer weights, the end). Every batch of
 is read once for all G. The mix's per-layer projection of all G is computed outside the vmap as
 one GEMM per layer over G*k outputs (``heads.layer_features``, the same function a lone head
 uses; W is kept as (L, D, G, k), so the GEMM reads it and its gradient arrives without a
-transpose); vmapping it would copy
-the shared input G times. Heads are built exactly as ``adl train`` builds them
+transpose); vmapping it would copy the shared input G times. Heads are built exactly as ``adl train`` builds them
 (``torch.manual_seed(seed)`` then ``make_head``), so with the same seed the initial weights
 are identical.
 
@@ -153,21 +153,15 @@ class Group:
             groups += [{**g, "lr": lr} for g in param_groups(part.leaves.items(), wd)]  # a lone head's decay rule
         self.opt = torch.optim.AdamW(groups, lr=groups[0]["lr"], fused=True)
         if moments:  # carry each configuration's AdamW moments over (the public state_dict route)
+            owner = {id(t): (part, n) for part in self.parts for n, t in part.leaves.items()}
             state, leaves = {}, [leaf for g in self.opt.param_groups for leaf in g["params"]]
             for i, leaf in enumerate(leaves):
-                part, name = self._owner(leaf)
+                part, name = owner[id(leaf)]
                 ms = [moments.get(r, {}).get(name) for r in part.rows]
                 if all(m is not None for m in ms):  # a leaf that never had a gradient has no moments
                     state[i] = {"step": ms[0]["step"].clone(),
                                 **{k: self._stacked(name, [m[k] for m in ms]) for k in MOMENTS}}
             self.opt.load_state_dict({**self.opt.state_dict(), "state": state})
-
-    def _owner(self, leaf: Tensor) -> tuple["_Part", str]:
-        for part in self.parts:
-            for n, t in part.leaves.items():
-                if t is leaf:
-                    return part, n
-        raise KeyError("not a leaf of this group")  # a bug
 
     @torch.no_grad()
     def _sync(self, only: int | None = None) -> dict:
@@ -302,7 +296,7 @@ PROJ = ("mix.W", "mix.gamma", "mix.beta")  # the mix's per-layer projection, com
 @dataclass
 class _Part:
     rows: list[int]  # the configurations stacked in these leaves, in order
-    leaves: dict[str, nn.Parameter]  # name -> (len(rows), ...) or, for the mix's W, (L, len(rows), k, D)
+    leaves: dict[str, nn.Parameter]  # name -> (len(rows), ...) or, for the mix's W, (L, D, len(rows), k)
 
 
 def fit_group(heads: list[nn.Module], data: TrainData, cfgs, *, on_epoch=None) -> list[FitResult | TrainingDiverged]:

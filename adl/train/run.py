@@ -40,7 +40,7 @@ from adl.cache.durable import refuse_unsafe_out
 from adl.errors import AdlError
 from adl.train.config import TrainConfig, pooled_view, resolve, view_for
 from adl.train.console import EpochTable, summary_line
-from adl.train.data import load_data
+from adl.train.data import TrainData, load_data
 from adl.train.head_io import make_head, save_head
 from adl.train.metrics import selection_metric
 from adl.train.plots import plot_final_weights, plot_weight_history
@@ -109,7 +109,7 @@ def metrics_doc(result: FitResult, layers: list[int], head: str, view: str, trai
 class Trained:
     cfg: TrainConfig
     view: str
-    data: object  # TrainData
+    data: TrainData
     head: torch.nn.Module
     result: FitResult
     info: dict  # head.json's task, layers, view, pool, projection
