@@ -2,7 +2,14 @@
 from a few hundred training examples to the whole training split.
 
     .venv/bin/python bench/curve.py --cache cache/tweets --sizes 500,2000,all --seeds 0,1,2
+    .venv/bin/python bench/curve.py --cache cache/tweets-full --name tweets --sizes 8000,all
     .venv/bin/python bench/curve.py --cache cache/wnut16 --sizes all --seeds 0,1,2 --name wnut16
+
+Each (size, seed) point is saved to the results file as soon as it is done, under a lock, so an
+interrupted run resumes where it stopped and two sizes can run at once in two processes. Points
+from several caches join one curve when they share the backbone and the validation and test
+splits (a cache extracted with --limit does share them with the whole set's: the limit samples
+the training split after carving), so the small sizes can come from a small cache.
 
 One cache per data set (with a tokens view and a pooled:mean view). For every training size N
 and seed s, each method trains on the same seeded sample of N training examples
@@ -22,7 +29,8 @@ validation:
     scalar mix               ELMo's scalar mix, then linear (defaults)
 
 Runs go through ``run_train`` in this process, as `adl train` runs them. Writes
-bench/results/curve-<name>.json (every run's validation and test score, and the table) and
+bench/results/curve-<name>.json (every run's validation and test score, and the table, over every
+size the file holds) and
 docs/curve-<name>.png (test metric against training size, mean and standard deviation over
 seeds, one line per method); prints the markdown table with where adalayers wins, ties
 (within the larger of the two seed spreads) or loses.
@@ -31,7 +39,9 @@ seeds, one line per method); prints the markdown table with where adalayers wins
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import statistics
@@ -135,6 +145,84 @@ def plot(rows: list[dict], metric: str, train_n: dict, title: str, path: Path, m
     plt.close(fig)
 
 
+def held_out(cache) -> dict:
+    """What makes two caches' points comparable: the backbone and the validation and test splits
+    (rows and tokens). A cache extracted with --limit shares them with the whole data set's cache
+    (the limit samples the training split after carving), so its sizes join the same curve."""
+    splits = cache.manifest["splits"]
+    return {"model": cache.manifest["model"]["config_hash"],
+            **{s: [splits[s]["n"], splits[s]["tokens"]] for s in ("validation", "test") if s in splits}}
+
+
+def load_results(out: Path) -> dict:
+    """bench/results/curve-<name>.json, with points keyed by training size; files written before
+    points were keyed by size and seed ('500', 'all', ... in seed order) are read as such."""
+    if not out.is_file():
+        return {"points": {}}
+    doc = json.loads(out.read_text())
+    if "command" in doc:  # the first format: one cache, sizes by name, seeds 0.. in order
+        sizes = doc["train_sizes"]
+        doc["points"] = {str(sizes[k]): [{**with_default(p), "seed": i, "cache": doc["cache"]}
+                                         for i, p in enumerate(v)] for k, v in doc["points"].items()}
+        doc["commands"] = [{k: doc.pop(k) for k in ("command", "seconds", "load_average_end")}]
+    return doc
+
+
+def save_point(out: Path, n: int, point: dict, held: dict, metric: str) -> None:
+    """Add one (size, seed) point to the results file under a lock (two sizes may run at once in
+    two processes); refuse a cache whose held-out splits differ from the file's."""
+    with locked(out):
+        doc = load_results(out)
+        if doc.get("held_out", held) != held or doc.get("metric", metric) != metric:
+            raise SystemExit(f"{out} holds points from another backbone or other validation/test splits: "
+                             "pass another --name")
+        runs = [p for p in doc["points"].get(str(n), []) if p["seed"] != point["seed"]]
+        doc["points"][str(n)] = sorted([*runs, point], key=lambda p: p["seed"])
+        doc.update(held_out=held, metric=metric)
+        write(out, doc)
+
+
+@contextlib.contextmanager
+def locked(out: Path):
+    with open(out.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def write(out: Path, doc: dict) -> None:
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, out)
+
+
+def report(out: Path, name: str, model: str, methods: tuple[str, ...], argv: str | None, seconds: float) -> None:
+    """The table and the plot from every point in the results file."""
+    with locked(out):
+        doc = load_results(out)
+        _report(doc, out, name, model, methods, argv, seconds)
+
+
+def _report(doc: dict, out: Path, name: str, model: str, methods: tuple[str, ...], argv: str | None,
+            seconds: float) -> None:
+    points = {k: [with_default(p) for p in v] for k, v in sorted(doc["points"].items(), key=lambda kv: int(kv[0]))}
+    sizes = list(points)
+    methods = tuple(m for m in methods if all(m in p for v in points.values() for p in v))
+    rows = summarise(points, sizes, methods)
+    train_n = {s: int(s) for s in sizes}
+    table = markdown(rows, doc["metric"], train_n)
+    png = ROOT / "docs" / f"curve-{name}.png"
+    seeds = sorted({p["seed"] for v in points.values() for p in v})
+    plot(rows, doc["metric"], train_n, f"{name}: {model}, seeds {', '.join(map(str, seeds))}", png, methods)
+    doc.update(points=points, rows=rows, markdown=table, train_sizes=train_n)
+    if argv is not None:
+        doc.setdefault("commands", []).append({"command": argv, "seconds": round(seconds, 1),
+                                              "load_average_end": os.getloadavg()})
+    doc.pop("cache", None)
+    write(out, doc)
+    print(table)
+    print(f"wrote {out} and {png}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", required=True)
@@ -142,6 +230,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="500,2000,all", help="training sizes; 'all' is the whole training split")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--work", default="/tmp/adl-bench-curve")
+    ap.add_argument("--redo", action="store_true", help="train (size, seed) points the results file already has")
     ap.add_argument("--report", action="store_true",
                     help="no training: rebuild the table and plot from bench/results/curve-<name>.json")
     a = ap.parse_args()
@@ -149,37 +238,26 @@ def main() -> None:
     name = a.name or Path(a.cache).name
     metric = selection_metric(cache.task)
     total = int(cache.manifest["splits"]["train"]["n"])
-    sizes = a.sizes.split(",")
-    train_n = {s: total if s == "all" else min(int(s), total) for s in sizes}
-    work = Path(a.work) / name
     methods = tuple(m for m in METHODS if cache.task == "sequence" or m != "adalayers-pooled")
+    model = cache.manifest["model"].get("name") or cache.manifest["model"]["id"]
     out = ROOT / "bench" / "results" / f"curve-{name}.json"
-    t0, points, run = time.perf_counter(), {}, {}
+    t0, held, work = time.perf_counter(), held_out(cache), Path(a.work) / name
     if a.report:
-        earlier = json.loads(out.read_text())
-        points = {size: [with_default(p) for p in earlier["points"][size]] for size in sizes}
-        a.seeds = ",".join(str(i) for i in range(len(points[sizes[0]])))
-        run = {k: earlier[k] for k in ("seconds", "load_average_end", "command")}
-    for size in (() if a.report else sizes):
-        points[size] = []
+        return report(out, name, model, methods, None, 0.0)
+    for size in a.sizes.split(","):
+        n = total if size == "all" else min(int(size), total)
         for seed in map(int, a.seeds.split(",")):
+            have = {p["seed"] for p in load_results(out)["points"].get(str(n), [])}
+            if seed in have and not a.redo:
+                print(f"{name} n={n} seed={seed}: already in {out.name} (--redo trains it again)")
+                continue
             t = time.perf_counter()
-            points[size].append(one_point(Path(a.cache), None if size == "all" else int(size), seed, work, metric,
-                                          list(range(len(cache.layers))), methods))
-            print(f"{name} n={train_n[size]} seed={seed}: " + ", ".join(
-                f"{m} {100 * points[size][-1][m]['test']:.2f}" for m in methods) + f" ({time.perf_counter() - t:.0f}s)",
-                flush=True)
-    rows = summarise(points, sizes, methods)
-    table = markdown(rows, metric, train_n)
-    png = ROOT / "docs" / f"curve-{name}.png"
-    plot(rows, metric, train_n, f"{name}: {cache.manifest['model'].get('name') or cache.manifest['model']['id']}, "
-                                f"{len(a.seeds.split(','))} seeds", png, methods)
-    run = run or {"seconds": round(time.perf_counter() - t0, 1), "load_average_end": os.getloadavg(),
-                  "command": "bench/curve.py " + " ".join(sys.argv[1:])}
-    out.write_text(json.dumps({"cache": a.cache, "metric": metric, "train_sizes": train_n, "points": points,
-                               "rows": rows, "markdown": table, **run}, indent=2) + "\n")
-    print(table)
-    print(f"wrote {out} and {png}")
+            point = one_point(Path(a.cache), None if n == total else n, seed, work, metric,
+                              list(range(len(cache.layers))), methods)
+            save_point(out, n, {**point, "seed": seed, "cache": a.cache}, held, metric)
+            print(f"{name} n={n} seed={seed}: " + ", ".join(f"{m} {100 * point[m]['test']:.2f}" for m in methods)
+                  + f" ({time.perf_counter() - t:.0f}s)", flush=True)
+    report(out, name, model, methods, "bench/curve.py " + " ".join(sys.argv[1:]), time.perf_counter() - t0)
 
 
 if __name__ == "__main__":
