@@ -163,6 +163,20 @@ def test_a_lone_client_does_not_wait_for_company():
     assert [n for n, *_ in batches] == [1, 1, 1]
 
 
+def test_a_batch_closes_when_requests_stop_arriving_not_at_max_wait():
+    fake = FakePredictor(delay=0.02)
+
+    async def go(b):
+        await asyncio.gather(b.submit(["a"]), b.submit(["b"]))  # the next batch will wait for company
+        t = asyncio.get_running_loop().time()
+        await asyncio.gather(b.submit(["c"]), b.submit(["d"]))  # a burst, then nobody
+        return asyncio.get_running_loop().time() - t
+
+    seconds, batches = run(_with_batcher(fake, go, max_wait=30.0))  # waiting out max_wait would take 30 s
+    assert seconds < 10
+    assert [n for n, *_ in batches][-1] == 2  # the burst still rode together
+
+
 def _serve_fake(argv):
     import argparse
 

@@ -12,7 +12,10 @@ the load by itself.
 
 The wait is spent only when the previous batch showed concurrency (it held more than one
 request): a lone client never waits for company that is not coming, so at concurrency 1 the
-latency is the forward pass alone.
+latency is the forward pass alone. And it ends early once requests stop arriving for ``QUIET``
+seconds: the clients of the last batch send their next requests in a burst that the event loop
+reads in a few milliseconds, and waiting out ``max_wait`` after the burst only idles the
+backbone (at concurrency 8 and 32 a batch never fills the default 64 texts).
 
 The call asks for the union of the requests' heads (all of them if any request asked for all)
 and for embeddings if any request did; each request gets back only what it asked for. A head's
@@ -31,6 +34,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+QUIET = 0.002  # seconds without a new request that close a batch before max_wait
 
 
 @dataclass
@@ -103,7 +108,7 @@ class Batcher:
         batch, n = [first], len(first.texts)
         deadline = loop.time() + (self.max_wait if self._last_requests > 1 else 0.0)
         while n < self.max_batch_size:
-            job = await self._next_job(deadline - loop.time())
+            job = await self._next_job(min(deadline - loop.time(), QUIET))
             if job is None:
                 break
             if n + len(job.texts) > self.max_batch_size:

@@ -67,7 +67,8 @@ class ServeConfig:
     host: str = _opt("address to bind; 127.0.0.1 serves this machine only", "127.0.0.1")
     port: int = _opt("TCP port", 8000)
     max_batch_size: int = _opt("texts per backbone call, at most", 64)
-    max_wait_ms: float = _opt("how long a batch waits for more requests when the server is busy", 10.0)
+    max_wait_ms: float = _opt("how long a batch waits, at most, for more requests when the server is busy "
+                              "(it closes sooner once they stop arriving)", 10.0)
     device: str = _opt("auto | cpu | cuda | cuda:N | mps", "auto")
     max_body_kb: int = _opt("request body size limit in KiB", 1024)
     max_texts: int = _opt("texts per request, at most", 64)
