@@ -88,10 +88,10 @@ def one_point(cache: Path, n: int | None, seed: int, work: Path, metric: str, la
 
 def with_default(res: dict) -> dict:
     """Add the `adl train` default's row: the better on validation of the tokens and pooled heads
-    (a tie keeps the tokens head), as ``adl.train.run.candidates`` and ``run_train`` choose."""
+    (a tie keeps the pooled head), as ``adl.train.run.candidates`` and ``run_train`` choose."""
     res = {OLD_NAMES.get(k, k): v for k, v in res.items() if k != "adl train (defaults)"}
     heads = [m for m in ("adalayers (tokens)", "adalayers-pooled") if m in res]
-    kept = max(heads, key=lambda m: (res[m]["val"], m == "adalayers (tokens)"))
+    kept = max(heads, key=lambda m: (res[m]["val"], m == "adalayers-pooled"))
     return {"adl train (defaults)": {**res[kept], "kept": kept}, **res}
 
 

@@ -50,7 +50,7 @@ def test_train_writes_a_run_that_rebuilds_without_the_cache(caches, tmp_path, na
         assert "head: the better on validation of adalayers (tokens) and adalayers-pooled" in res.output
         tried = metrics["candidates"]
         assert set(tried) == {"adalayers", "adalayers-pooled"}
-        kept = max(tried, key=lambda h: (tried[h][f"validation_{m}"], h == "adalayers"))
+        kept = max(tried, key=lambda h: (tried[h][f"validation_{m}"], h == "adalayers-pooled"))
         assert config["config"]["head"] == kept == metrics["head"] and f"kept {kept} " in res.output
         assert metrics["validation"][m] == tried[kept][f"validation_{m}"]
     assert config["config"]["lam"] == 0.02 and config["config"]["head"] in ("adalayers", "adalayers-pooled")

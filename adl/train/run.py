@@ -118,7 +118,8 @@ class Trained:
 def candidates(cfg: TrainConfig, cache) -> list[TrainConfig]:
     """The resolved configs ``adl train`` tries. One, unless the head is left to adl on a
     sequence task whose cache has a tokens and a pooled view: then the tokens head and
-    adalayers-pooled, both with the preset's values, and the better on validation is kept.
+    adalayers-pooled, both with the preset's values, and the better on validation is kept (on a
+    tie, the pooled head: it is the cheaper to train and serve).
 
     Why (docs/quality.md, bench/curve.py): on tweets from 500 to 4,000 training examples the
     pooled head scored above the tokens head and above the best linear probe, where the tokens
@@ -171,12 +172,14 @@ def run_train(cfg: TrainConfig, *, console: Console | None = None) -> dict:
         has = "has" if configs[0].head == "adalayers" else "lacks"
         console.print(f"head: {configs[0].head} (picked because the cache {has} a tokens view; choose with --head)")
     elif len(configs) > 1:
-        console.print("head: the better on validation of adalayers (tokens) and adalayers-pooled, both with the "
+        console.print("head: the better on validation of adalayers (tokens) and adalayers-pooled (on a tie, the "
+                      "pooled one), both with the "
                       f"{configs[0].preset} preset (choose one with --head)", highlight=False, soft_wrap=True)
     write_json(out / "cache_manifest.json", cache.manifest)
     tried = [fit_candidate(c, cache, console, out if i == 0 else None) for i, c in enumerate(configs)]
     metric = tried[0].result.metric
-    best = max(tried, key=lambda t: t.result.validation[metric])  # the first wins a tie
+    # a tie keeps the pooled head: validation cannot tell them apart, and it is the cheaper to train and serve
+    best = max(tried, key=lambda t: (t.result.validation[metric], t.cfg.head == "adalayers-pooled"))
     cfg, view, data, result = best.cfg, best.view, best.data, best.result
     if len(tried) > 1:
         scores = ", ".join(f"{t.cfg.head} {t.result.validation[metric]:.4f}" for t in tried)
