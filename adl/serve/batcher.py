@@ -38,6 +38,18 @@ from typing import Any, Callable
 QUIET = 0.002  # seconds without a new request that close a batch before max_wait
 
 
+def worker() -> ThreadPoolExecutor:
+    """The one thread that runs every torch operation of a server: load the Predictor on it
+    (``worker().submit(Predictor, runs).result()``) and hand it to the Batcher.
+
+    Why one thread: with OpenMP (torch's CPU threads), each thread that runs a parallel region
+    gets a team of threads of its own, and once a process holds more OpenMP threads than cores,
+    libgomp stops spin-waiting between regions and puts its threads to sleep after each one. A
+    model loaded and warmed on the main thread, then run on a worker, made every single-text
+    call about twice as slow on 2 cores (33 ms against 15-24 ms, MiniLM; docs/serve.md)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="adl-predict")
+
+
 @dataclass
 class Job:
     """One request waiting for its answer: ``heads`` None means every head."""
@@ -65,15 +77,20 @@ class Batcher:
     """
 
     def __init__(self, predictor, max_batch_size: int, max_wait: float,
-                 on_batch: Callable[[int, int, float, bool], None] | None = None):
+                 on_batch: Callable[[int, int, float, bool], None] | None = None,
+                 pool: ThreadPoolExecutor | None = None):
         self.predictor, self.names = predictor, list(predictor.names)
         self.max_batch_size, self.max_wait = max_batch_size, max_wait
         self.on_batch = on_batch or (lambda *_: None)
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._carry: collections.deque[Job] = collections.deque()  # taken from the queue, runs next
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adl-predict")
+        self._pool = pool or worker()
         self._task: asyncio.Task | None = None
         self._last_requests = 1
+
+    def call(self, fn, *args):
+        """Run ``fn(*args)`` on the worker thread and wait for it (start-up work that touches torch)."""
+        return self._pool.submit(fn, *args).result()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="adl-batcher")

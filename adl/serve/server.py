@@ -29,6 +29,7 @@ import json
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adl import __version__
 from adl.errors import AdlError
-from adl.serve.batcher import Batcher
+from adl.serve.batcher import Batcher, worker
 from adl.serve import Predictor
 
 TOKEN_ENV = "ADL_SERVE_TOKEN"
@@ -220,12 +221,14 @@ class Counted:
             self.metrics.latency.labels(path).observe(time.perf_counter() - start)
 
 
-def create_app(predictor, cfg: ServeConfig, token: str | None = None) -> FastAPI:
-    """The ASGI app around a loaded Predictor (anything with .names, .heads_info() and __call__)."""
+def create_app(predictor, cfg: ServeConfig, token: str | None = None, pool: ThreadPoolExecutor | None = None) -> FastAPI:
+    """The ASGI app around a loaded Predictor (anything with .names, .heads_info() and __call__);
+    ``pool``: the worker thread it was loaded on (adl.serve.batcher.worker), which runs every call."""
     metrics = Metrics()
     names = list(predictor.names)
 
-    batcher = Batcher(predictor, cfg.max_batch_size, cfg.max_wait_ms / 1000, metrics.on_batch)
+    batcher = Batcher(predictor, cfg.max_batch_size, cfg.max_wait_ms / 1000, metrics.on_batch, pool)
+    heads_doc = {"heads": _jsonable(batcher.call(predictor.heads_info))}  # fixed once loaded
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -282,7 +285,7 @@ def create_app(predictor, cfg: ServeConfig, token: str | None = None) -> FastAPI
     @app.get("/v1/heads", dependencies=[Depends(authorised)])
     async def heads_endpoint() -> dict:
         """Every head: name, task, labels, layers, layer weights and the run's test metrics."""
-        return {"heads": _jsonable(predictor.heads_info())}
+        return heads_doc
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -342,8 +345,9 @@ def serve_app(app: FastAPI, cfg: ServeConfig, log_level: str = "info") -> None:
 
 def run_serve(cfg: ServeConfig) -> None:
     """Load the heads of ``cfg.runs`` and their backbone, then serve until SIGTERM."""
-    predictor = Predictor(list(cfg.runs), device=cfg.device)
+    pool = worker()  # the model is loaded on the thread that will run it (see worker's docstring)
+    predictor = pool.submit(Predictor, list(cfg.runs), cfg.device).result()
     if predictor.plan.device == "cpu":
         predictor.batch_tokens = min(predictor.batch_tokens, CPU_BATCH_TOKENS)
     token = os.environ.get(TOKEN_ENV) or None
-    serve_app(create_app(predictor, cfg, token), cfg)
+    serve_app(create_app(predictor, cfg, token, pool), cfg)
