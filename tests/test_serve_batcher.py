@@ -177,6 +177,36 @@ def test_a_batch_closes_when_requests_stop_arriving_not_at_max_wait():
     assert [n for n, *_ in batches][-1] == 2  # the burst still rode together
 
 
+def test_every_predictor_call_runs_on_the_thread_it_was_loaded_on():
+    """One thread runs all torch work (a second OpenMP team made libgomp sleep between regions)."""
+    from fastapi.testclient import TestClient
+
+    from adl.serve.batcher import worker
+    from adl.serve.server import ServeConfig, create_app
+
+    threads = []
+
+    class Recording(FakePredictor):
+        def __init__(self):
+            super().__init__()
+            threads.append(threading.current_thread())
+
+        def heads_info(self):
+            threads.append(threading.current_thread())
+            return super().heads_info()
+
+        def __call__(self, texts, *args, **kwargs):
+            threads.append(threading.current_thread())
+            return super().__call__(texts, *args, **kwargs)
+
+    pool = worker()
+    fake = pool.submit(Recording).result()
+    with TestClient(create_app(fake, ServeConfig(runs=("x",)), pool=pool)) as client:
+        assert client.post("/v1/predict", json={"texts": ["a", "b"]}).status_code == 200
+        assert client.get("/v1/heads").status_code == 200
+    assert len(threads) == 3 and len(set(threads)) == 1 and threads[0] is not threading.main_thread()
+
+
 def _serve_fake(argv):
     import argparse
 
