@@ -106,8 +106,10 @@ def summarise(points: dict, sizes: list[str], methods: tuple[str, ...]) -> list[
             row = {"size": size, "method": m, "mean": stat[m][0], "std": stat[m][1], "seeds": len(per[m])}
             if m.startswith(("adalayers", "adl train")):
                 gap, spread = stat[m][0] - stat[probe][0], max(stat[m][1], stat[probe][1])
-                row["vs_best_probe"] = {"probe": probe, "delta": gap, "spread": spread,
-                                        "verdict": "wins" if gap > spread else "loses" if gap < -spread else "ties"}
+                verdict = "wins" if gap > spread else "loses" if gap < -spread else "ties"
+                if len(per[m]) < 2:  # one seed: no spread to call a win or a tie with
+                    spread, verdict = None, "above" if gap > 0 else "below"
+                row["vs_best_probe"] = {"probe": probe, "delta": gap, "spread": spread, "verdict": verdict}
             rows.append(row)
     return rows
 
@@ -116,9 +118,10 @@ def markdown(rows: list[dict], metric: str, train_n: dict) -> str:
     lines = [f"| train examples | method | test {metric} (mean ± std) | vs the better probe |", "|---|---|---|---|"]
     for r in rows:
         v = r.get("vs_best_probe")
-        verdict = "" if v is None else f"{v['verdict']} ({100 * v['delta']:+.2f} points, spread {100 * v['spread']:.2f})"
-        lines.append(f"| {train_n[r['size']]:,} | {r['method']} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} | "
-                     f"{verdict} |")
+        spread = "one seed, no spread" if v is None or v["spread"] is None else f"spread {100 * v['spread']:.2f}"
+        verdict = "" if v is None else f"{v['verdict']} ({100 * v['delta']:+.2f} points, {spread})"
+        score = f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}" if r["seeds"] > 1 else f"{100 * r['mean']:.2f} (1 seed)"
+        lines.append(f"| {train_n[r['size']]:,} | {r['method']} | {score} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -212,7 +215,9 @@ def _report(doc: dict, out: Path, name: str, model: str, methods: tuple[str, ...
     table = markdown(rows, doc["metric"], train_n)
     png = ROOT / "docs" / f"curve-{name}.png"
     seeds = sorted({p["seed"] for v in points.values() for p in v})
-    plot(rows, doc["metric"], train_n, f"{name}: {model}, seeds {', '.join(map(str, seeds))}", png, methods)
+    fewer = [f"{int(k):,}: {len(v)}" for k, v in points.items() if len(v) < len(seeds)]
+    title = f"{name}: {model}, seeds {', '.join(map(str, seeds))}" + (f" (seeds at {', '.join(fewer)})" if fewer else "")
+    plot(rows, doc["metric"], train_n, title, png, methods)
     doc.update(points=points, rows=rows, markdown=table, train_sizes=train_n)
     if argv is not None:
         doc.setdefault("commands", []).append({"command": argv, "seconds": round(seconds, 1),
