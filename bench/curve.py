@@ -53,7 +53,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from rich.console import Console  # noqa: E402
 
-from adl.cache import open_cache  # noqa: E402
+from adl.cache import open_cache, write_json  # noqa: E402
 from adl.train.config import TrainConfig  # noqa: E402
 from adl.train.metrics import selection_metric  # noqa: E402
 from adl.train.run import run_train  # noqa: E402
@@ -61,7 +61,6 @@ from adl.train.run import run_train  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("adl train (defaults)", "adalayers (tokens)", "adalayers-pooled", "probe (val-picked layer)",
            "concat probe", "scalar mix")
-OLD_NAMES = {"adalayers (defaults)": "adalayers (tokens)"}  # results written before adl train chose on validation
 
 
 def train(cfg: TrainConfig, metric: str) -> dict:
@@ -89,7 +88,7 @@ def one_point(cache: Path, n: int | None, seed: int, work: Path, metric: str, la
 def with_default(res: dict) -> dict:
     """Add the `adl train` default's row: the better on validation of the tokens and pooled heads
     (a tie keeps the pooled head), as ``adl.train.run.candidates`` and ``run_train`` choose."""
-    res = {OLD_NAMES.get(k, k): v for k, v in res.items() if k != "adl train (defaults)"}
+    res = {k: v for k, v in res.items() if k != "adl train (defaults)"}
     heads = [m for m in ("adalayers (tokens)", "adalayers-pooled") if m in res]
     kept = max(heads, key=lambda m: (res[m]["val"], m == "adalayers-pooled"))
     return {"adl train (defaults)": {**res[kept], "kept": kept}, **res}
@@ -158,17 +157,8 @@ def held_out(cache) -> dict:
 
 
 def load_results(out: Path) -> dict:
-    """bench/results/curve-<name>.json, with points keyed by training size; files written before
-    points were keyed by size and seed ('500', 'all', ... in seed order) are read as such."""
-    if not out.is_file():
-        return {"points": {}}
-    doc = json.loads(out.read_text())
-    if "command" in doc:  # the first format: one cache, sizes by name, seeds 0.. in order
-        sizes = doc["train_sizes"]
-        doc["points"] = {str(sizes[k]): [{**with_default(p), "seed": i, "cache": doc["cache"]}
-                                         for i, p in enumerate(v)] for k, v in doc["points"].items()}
-        doc["commands"] = [{k: doc.pop(k) for k in ("command", "seconds", "load_average_end")}]
-    return doc
+    """bench/results/curve-<name>.json: {"points": {training size: [one dict per seed]}, ...}."""
+    return json.loads(out.read_text()) if out.is_file() else {"points": {}}
 
 
 def save_point(out: Path, n: int, point: dict, held: dict, metric: str) -> None:
@@ -182,7 +172,7 @@ def save_point(out: Path, n: int, point: dict, held: dict, metric: str) -> None:
         runs = [p for p in doc["points"].get(str(n), []) if p["seed"] != point["seed"]]
         doc["points"][str(n)] = sorted([*runs, point], key=lambda p: p["seed"])
         doc.update(held_out=held, metric=metric)
-        write(out, doc)
+        write_json(out, doc)
 
 
 @contextlib.contextmanager
@@ -192,21 +182,14 @@ def locked(out: Path):
         yield
 
 
-def write(out: Path, doc: dict) -> None:
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, out)
-
-
 def report(out: Path, name: str, model: str, methods: tuple[str, ...], argv: str | None, seconds: float) -> None:
     """The table and the plot from every point in the results file."""
     with locked(out):
         doc = load_results(out)
-        _report(doc, out, name, model, methods, argv, seconds)
+        write_json(out, _report(doc, name, model, methods, argv, seconds))
 
 
-def _report(doc: dict, out: Path, name: str, model: str, methods: tuple[str, ...], argv: str | None,
-            seconds: float) -> None:
+def _report(doc: dict, name: str, model: str, methods: tuple[str, ...], argv: str | None, seconds: float) -> dict:
     points = {k: [with_default(p) for p in v] for k, v in sorted(doc["points"].items(), key=lambda kv: int(kv[0]))}
     sizes = list(points)
     methods = tuple(m for m in methods if all(m in p for v in points.values() for p in v))
@@ -222,10 +205,9 @@ def _report(doc: dict, out: Path, name: str, model: str, methods: tuple[str, ...
     if argv is not None:
         doc.setdefault("commands", []).append({"command": argv, "seconds": round(seconds, 1),
                                               "load_average_end": os.getloadavg()})
-    doc.pop("cache", None)
-    write(out, doc)
     print(table)
-    print(f"wrote {out} and {png}")
+    print(f"wrote {png}")
+    return doc
 
 
 def main() -> None:

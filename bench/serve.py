@@ -169,7 +169,7 @@ def load(url: str, texts: list[str], concurrency: int, seconds: float, work: Pat
             "p50_ms": r["p50_us"] / 1000, "p95_ms": r["p95_us"] / 1000, "p99_ms": r["p99_us"] / 1000}
 
 
-def batch_sizes(url: str) -> dict:
+def batch_counters(url: str) -> dict:
     text = httpx.get(url + "/metrics").text
     get = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
            if line.startswith(("adl_batch_texts_sum", "adl_batch_texts_count", "adl_batch_seconds_sum"))}
@@ -189,9 +189,9 @@ def thread_cpu(pid: int) -> dict[str, float]:
 def level(url: str, pid: int, texts: list[str], concurrency: int, seconds: int, work: Path) -> dict:
     """One concurrency level, with what the server did meanwhile: its backbone calls (count, texts,
     seconds) and the CPU its event loop (the main thread) and the rest of its threads used."""
-    counted, cpu = batch_sizes(url), thread_cpu(pid)
+    counted, cpu = batch_counters(url), thread_cpu(pid)
     r = load(url, texts, concurrency, seconds, work)
-    after, cpu_after = batch_sizes(url), thread_cpu(pid)
+    after, cpu_after = batch_counters(url), thread_cpu(pid)
     wall = seconds + 2  # wrk's warm-up included: the counters saw it too
     n = after["batches"] - counted["batches"]
     used = {tid: cpu_after[tid] - cpu.get(tid, 0.0) for tid in cpu_after}

@@ -121,7 +121,7 @@ def candidates(cfg: TrainConfig, cache) -> list[TrainConfig]:
     adalayers-pooled, both with the preset's values, and the better on validation is kept (on a
     tie, the pooled head: it is the cheaper to train and serve).
 
-    Why (docs/quality.md, bench/curve.py): on tweets from 500 to 4,000 training examples the
+    Why (docs/quality.md, bench/curve.py): on tweets from 500 to 29,795 training examples the
     pooled head scored above the tokens head and above the best linear probe, where the tokens
     head could lose to the probe; the published setups (IMDB, 25k long reviews) favour the tokens
     head. A pooled candidate costs a few percent of a tokens head's training, so adl trains both
