@@ -18,11 +18,10 @@ validation:
 
     adalayers (tokens)       `adl train --head adalayers`, otherwise defaults (the imdb preset)
     adalayers-pooled         `adl train --head adalayers-pooled`, otherwise defaults
-    adl train (defaults)     `adl train` with no flag: on a sequence cache with both views it
-                             trains the two heads above (identical runs: same seed, sample and
-                             config) and keeps the one with the better validation score, so its
-                             row is taken from theirs by that rule; on a token task it is
-                             adalayers (tokens)
+    adl train (defaults)     `adl train` with no flag: it trains the two heads above (one on a
+                             token task) and the concat probe below, and keeps the best on
+                             validation; the runs are identical (same seed, sample and config),
+                             so its row is taken from theirs by that rule
     probe (val-picked layer) an L2 logistic regression per layer, C chosen on validation, then
                              the layer with the best validation score
     concat probe             the same on all layers concatenated
@@ -56,7 +55,7 @@ from rich.console import Console  # noqa: E402
 from adl.cache import open_cache, write_json  # noqa: E402
 from adl.train.config import TrainConfig  # noqa: E402
 from adl.train.metrics import selection_metric  # noqa: E402
-from adl.train.run import run_train  # noqa: E402
+from adl.train.run import run_train, tie_rank  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("adl train (defaults)", "adalayers (tokens)", "adalayers-pooled", "probe (val-picked layer)",
@@ -85,12 +84,16 @@ def one_point(cache: Path, n: int | None, seed: int, work: Path, metric: str, la
     return with_default(res)
 
 
+HEAD_OF = {"adalayers (tokens)": "adalayers", "adalayers-pooled": "adalayers-pooled", "concat probe": "concat-probe"}
+
+
 def with_default(res: dict) -> dict:
-    """Add the `adl train` default's row: the better on validation of the tokens and pooled heads
-    (a tie keeps the pooled head), as ``adl.train.run.candidates`` and ``run_train`` choose."""
+    """Add the `adl train` default's row: of the runs ``adl.train.run.candidates`` names (the tokens
+    head, the pooled head on a sequence task, the concat probe), the best on validation, a tie
+    going to the cheaper by ``adl.train.run.tie_rank``, as ``run_train`` chooses. The runs are the
+    same (same seed, sample and config), so the row is taken from theirs."""
     res = {k: v for k, v in res.items() if k != "adl train (defaults)"}
-    heads = [m for m in ("adalayers (tokens)", "adalayers-pooled") if m in res]
-    kept = max(heads, key=lambda m: (res[m]["val"], m == "adalayers-pooled"))
+    kept = max((m for m in HEAD_OF if m in res), key=lambda m: (res[m]["val"], tie_rank(HEAD_OF[m])))
     return {"adl train (defaults)": {**res[kept], "kept": kept}, **res}
 
 

@@ -159,7 +159,8 @@ def test_compare_mixes_adl_runs_and_peers(assets, tmp_path):
         assert invoke("finetune", "--cache", assets["seq"], "--method", "full", "--seed", seed, "--out", runs[-1],
                       *FAST).exit_code == 0
     runs.append(tmp_path / "adl")
-    res = invoke("train", "--cache", assets["seq"], "--out", runs[-1], "--k", "8", "--heads", "2", "--max-epochs", "2")
+    res = invoke("train", "--cache", assets["seq"], "--out", runs[-1], "--head", "adalayers-pooled", "--k", "8",
+                 "--heads", "2", "--max-epochs", "2")
     assert res.exit_code == 0, res.output
     res = invoke("compare", *runs, "--out", tmp_path / "cmp")
     assert res.exit_code == 0, res.output

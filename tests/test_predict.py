@@ -35,6 +35,8 @@ def assets(tmp_path_factory):
 
 def make_run(assets, tmp, name, data="csv", head=None, extract=None, label=None, **train):
     cache, run = tmp / f"cache-{label or name}", tmp / (label or name)
+    if head is None:  # one head per case (the one a tokens or a pooled view suggests), not adl's pick among several
+        head = "adalayers" if "tokens" in (extract or {}).get("views", "pooled,tokens") else "adalayers-pooled"
     run_extract(ExtractConfig(model=str(assets[name]), dataset=assets[data], out=str(cache), batch_size=8,
                               progress=False, **(extract or {})))
     run_train(TrainConfig(cache=str(cache), out=str(run), head=head, device="cpu", **{**FAST, **train}))

@@ -23,8 +23,8 @@ def runs(tmp_path_factory):
     for name, data in (("sentiment", f"csv:{write_csv(root / 'd.csv')}"), ("ner", f"conll:{write_conll(root / 'd.conll')}")):
         run_extract(ExtractConfig(model=str(bert), dataset=data, out=str(root / f"c-{name}"), batch_size=8,
                                   progress=False))
-        run_train(TrainConfig(cache=str(root / f"c-{name}"), out=str(root / name), k=8, heads=2, ff=16, lr=0.01,
-                              alpha=10.0, max_epochs=2, device="cpu"))
+        run_train(TrainConfig(cache=str(root / f"c-{name}"), out=str(root / name), head="adalayers", k=8, heads=2,
+                              ff=16, lr=0.01, alpha=10.0, max_epochs=2, device="cpu"))
         out[name] = root / name
     return out
 
