@@ -140,6 +140,10 @@ def plot(rows: list[dict], metric: str, train_n: dict, title: str, path: Path, m
         ax.errorbar(x, [100 * r["mean"] for r in rs], yerr=[100 * r["std"] for r in rs], marker="o", capsize=3,
                     label=m, linewidth=2.5 if m.startswith("adl train") else 1.2)
     ax.set_xscale("log")
+    sizes = sorted({train_n[r["size"]] for r in rows})
+    ax.set_xticks(sizes, [f"{n:,}" for n in sizes])  # the measured sizes, not powers of ten
+    ax.minorticks_off()
+    ax.set_xlim(sizes[0] / 1.25, sizes[-1] * 1.25)
     ax.set_xlabel("training examples (log scale)")
     ax.set_ylabel(f"test {metric} (%)")
     ax.set_title(title)
