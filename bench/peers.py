@@ -50,8 +50,9 @@ def bench_dataset(name: str, a, work: Path) -> dict:
     sequence = json.loads((cache / "manifest.json").read_text())["task"] == "sequence"
     for seed in a.seeds:
         run = work / name / f"adl-preset-{seed}"
-        if (run / "metrics.json").is_file() or adl("train", "--cache", cache, "--seed", seed, "--max-epochs",
-                                                   a.adl_epochs, "--out", run, "--overwrite"):
+        if (run / "metrics.json").is_file() or adl("train", "--cache", cache, "--head", "adalayers",
+                                                   "--seed", seed, "--max-epochs", a.adl_epochs, "--out", run,
+                                                   "--overwrite"):
             runs.append(run)
         run = work / name / f"adl-pooled-{seed}"  # the cheap head: pooled states, no attention over tokens
         if sequence and ((run / "metrics.json").is_file() or adl(

@@ -29,12 +29,14 @@ class FakeOutput:
 
 
 class FakePredictor:
-    """Same interface as adl.serve.Predictor: .names, .heads_info(), __call__(texts, heads, ...)."""
+    """Same interface as adl.serve.Predictor: .names, .heads_info(), __call__(texts, heads, ...).
+    Like it, it runs a call as backbone batches (of 2 texts, last ones first, as length sorting
+    may order them) and reports each to ``on_rows``; ``gate`` (an Event) holds it after the first."""
 
     names = ["sentiment", "ner"]
 
-    def __init__(self, delay: float = 0.0):
-        self.delay, self.calls, self._busy = delay, [], threading.Lock()
+    def __init__(self, delay: float = 0.0, gate: threading.Event | None = None):
+        self.delay, self.gate, self.calls, self._busy = delay, gate, [], threading.Lock()
 
     def heads_info(self):
         return [{"name": "sentiment", "task": "sequence", "labels": ["negative", "positive"], "layers": [0, 1, 2],
@@ -42,21 +44,28 @@ class FakePredictor:
                 {"name": "ner", "task": "token", "labels": ["O", "B-ORG", "I-ORG"], "layers": [0, 1, 2],
                  "weights": [0.1, 0.1, 0.8], "metrics": {"f1": 0.5}}]
 
-    def __call__(self, texts, heads=None, return_backbone=False, return_embedding=False):
+    def __call__(self, texts, heads=None, return_backbone=False, return_embedding=False, on_rows=None):
         if not self._busy.acquire(blocking=False):
             raise AssertionError("Predictor called concurrently")
         try:
             self.calls.append((list(texts), heads, return_embedding))
             time.sleep(self.delay)
-            if any("BOOM" in t for t in texts):
-                raise RuntimeError("the backbone blew up on BOOM")
             heads = heads or self.names
-            out = {}
-            if "sentiment" in heads:
-                out["sentiment"] = [self.sentiment(t) for t in texts]
-            if "ner" in heads:
-                out["ner"] = [self.ner(t) for t in texts]
-            return FakeOutput(out, [self.embedding(t) for t in texts] if return_embedding else None)
+            out = FakeOutput({h: [None] * len(texts) for h in heads}, [None] * len(texts) if return_embedding else None)
+            for n, start in enumerate(reversed(range(0, len(texts), 2))):
+                rows = list(range(start, min(start + 2, len(texts))))
+                if any("BOOM" in texts[r] for r in rows):
+                    raise RuntimeError("the backbone blew up on BOOM")
+                for r in rows:
+                    for h in heads:
+                        out.heads[h][r] = getattr(self, h)(texts[r])
+                    if return_embedding:
+                        out.embeddings[r] = self.embedding(texts[r])
+                if on_rows is not None:
+                    on_rows(rows, out)
+                if n == 0 and self.gate is not None:
+                    assert self.gate.wait(30), "the test never opened the gate"
+            return out
         finally:
             self._busy.release()
 
@@ -135,6 +144,22 @@ def test_a_request_larger_than_the_batch_runs_alone_and_is_never_split():
     answers, batches = run(_with_batcher(fake, go, max_batch_size=3))
     assert [len(a.results) for a in answers] == [5, 1, 2]
     assert [len(texts) for texts, *_ in fake.calls] == [5, 3]
+
+
+def test_a_request_is_answered_when_its_texts_are_done_not_when_the_call_ends():
+    gate = threading.Event()
+    fake = FakePredictor(gate=gate)
+
+    async def go(b):
+        early, late = asyncio.create_task(b.submit(["c", "d"])), asyncio.create_task(b.submit(["e", "f"]))
+        done, _ = await asyncio.wait({late}, timeout=30)  # "e f" is the call's first backbone batch
+        assert done == {late} and not early.done()  # the call is held at the gate: "c d" is not run yet
+        gate.set()
+        return await early, await late
+
+    (early, late), batches = run(_with_batcher(fake, go))
+    assert early.results == [expected("c"), expected("d")] and late.results == [expected("e"), expected("f")]
+    assert [n for n, *_ in batches] == [4]  # both rode in one call
 
 
 def test_a_failing_request_fails_alone_and_the_batcher_goes_on():

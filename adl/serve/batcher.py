@@ -21,8 +21,13 @@ The call asks for the union of the requests' heads (all of them if any request a
 and for embeddings if any request did; each request gets back only what it asked for. A head's
 answer on a text does not depend on which other heads ride along, so this changes nothing.
 
-When a batch of several requests fails, each request is run again alone, so a request that
-breaks the Predictor fails by itself and its neighbours still get their answers.
+Each request is answered as soon as the backbone batch holding its last text is done (the
+Predictor's ``on_rows`` callback), not when the whole call returns: a call on 32 texts runs as
+a few length-sorted backbone batches, and the clients answered after the first ones send their
+next requests while the rest run, so the next call finds them waiting.
+
+When a batch of several requests fails, each request not yet answered is run again alone, so a
+request that breaks the Predictor fails by itself and its neighbours still get their answers.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -86,6 +92,7 @@ class Batcher:
         self._carry: collections.deque[Job] = collections.deque()  # taken from the queue, runs next
         self._pool = pool or worker()
         self._task: asyncio.Task | None = None
+        self._idle = asyncio.Event()  # set while no batch runs: every answered request's batch is counted
         self._last_requests = 1
 
     def call(self, fn, *args):
@@ -96,8 +103,11 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="adl-batcher")
 
     async def stop(self) -> None:
-        """Cancel the loop (call once no request is in flight) and join the worker thread."""
+        """Cancel the loop (call once no request is in flight) and join the worker thread. A request
+        is answered before its Predictor call returns, so first let the last call finish."""
         if self._task is not None:
+            if not self._task.done():
+                await self._idle.wait()
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self._pool.shutdown(wait=True)
@@ -138,7 +148,9 @@ class Batcher:
 
     async def _loop(self) -> None:
         while True:
+            self._idle.set()
             batch = await self._collect()
+            self._idle.clear()
             await self._run(batch)
 
     async def _run(self, batch: list[Job]) -> None:
@@ -146,26 +158,42 @@ class Batcher:
         asked = [job.heads for job in batch]
         heads = None if any(h is None for h in asked) else [n for n in self.names if any(n in h for h in asked)]
         embedding = any(job.embedding for job in batch)
-        call = functools.partial(self.predictor, texts, heads=heads, return_embedding=embedding)
+        loop = asyncio.get_running_loop()
+        spans = [range(i - len(job.texts), i) for job, i in zip(batch, itertools.accumulate(len(j.texts) for j in batch))]
+        owner = [j for j, span in enumerate(spans) for _ in span]  # text position -> its job
+        left = [len(span) for span in spans]
+
+        def on_rows(rows, out) -> None:  # on the worker thread, after each backbone batch
+            for r in rows:
+                j = owner[r]
+                left[j] -= 1
+                if left[j] == 0:  # the job's last text is done: answer it now, not after the whole call
+                    loop.call_soon_threadsafe(self._answer, batch[j], out, spans[j])
+
+        call = functools.partial(self.predictor, texts, heads=heads, return_embedding=embedding, on_rows=on_rows)
         start = time.perf_counter()
         try:
-            out = await asyncio.get_running_loop().run_in_executor(self._pool, call)
+            out = await loop.run_in_executor(self._pool, call)
         except Exception as e:  # noqa: BLE001 - a failing batch must answer its requests, never kill the loop
             self.on_batch(len(texts), len(batch), time.perf_counter() - start, True)
-            if len(batch) > 1:
-                for job in batch:
+            unanswered = [job for job in batch if not job.future.done()]
+            if len(unanswered) > 1:
+                for job in unanswered:
                     await self._run([job])
-            else:
-                _settle(batch[0], exception=e)
+            elif unanswered:
+                _settle(unanswered[0], exception=e)
             return
         self.on_batch(len(texts), len(batch), time.perf_counter() - start, False)
-        i = 0
-        for job in batch:
-            try:
-                _settle(job, result=_slice(out, job, range(i, i + len(job.texts)), self.names))
-            except Exception as e:  # noqa: BLE001 - an output that does not fit fails its request, not the loop
-                _settle(job, exception=e)
-            i += len(job.texts)
+        for job, span in zip(batch, spans):  # any job on_rows did not answer (a predictor without it)
+            self._answer(job, out, span)
+
+    def _answer(self, job: Job, out, rows: range) -> None:
+        if job.future.done():  # answered already, or the client went away
+            return
+        try:
+            _settle(job, result=_slice(out, job, rows, self.names))
+        except Exception as e:  # noqa: BLE001 - an output that does not fit fails its request, not the loop
+            _settle(job, exception=e)
 
 
 def _slice(out, job: Job, rows: range, names: list[str]) -> Answer:

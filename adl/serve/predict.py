@@ -199,7 +199,7 @@ def run_predict(cfg: PredictConfig, console: Console | None = None) -> dict:
     start = time.perf_counter()
     with _progress(console) as bar:
         task = bar.add_task("predict", total=len(inputs.items))
-        pred = p.forward(enc, progress=lambda n: bar.update(task, advance=n))
+        pred = p.forward(enc, on_rows=lambda rows, _: bar.update(task, advance=len(rows)))
     seconds = time.perf_counter() - start
     p.decode(enc, pred)
     out = Path(cfg.out) if cfg.out else Path("predictions.jsonl")

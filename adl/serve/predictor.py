@@ -43,6 +43,9 @@ class Prediction:
     logits: dict[str, list[np.ndarray]] = field(default_factory=dict)  # (C,) or (T, C) per input
 
 
+OnRows = Callable[[np.ndarray, Prediction], None]
+
+
 @dataclass(frozen=True, eq=False)
 class Encoded:
     """Tokenised inputs: the extraction's TokenizedSplit plus what NER decoding needs."""
@@ -139,13 +142,17 @@ class Predictor:
     # ---- the pass ---------------------------------------------------------------------------
 
     def forward(self, enc: Encoded, heads: list[str] | None = None, *, return_backbone: bool = False,
-                return_embedding: bool = False, progress: Callable[[int], None] | None = None) -> Prediction:
-        """Run the backbone once over ``enc`` in length-bucketed batches; raw logits per head."""
+                return_embedding: bool = False, on_rows: OnRows | None = None) -> Prediction:
+        """Run the backbone once over ``enc`` in length-bucketed batches; raw logits per head.
+
+        ``on_rows(rows, pred)`` is called after each backbone batch with the input positions it
+        finished: their logits (and backbone outputs, embeddings) in ``pred`` are final."""
         feeds = [self.feeds[name] for name in self._pick(heads)]
         ts, n = enc.ts, len(enc.ts)
         logits = {f.run.name: [None] * n for f in feeds}
         backbone = [None] * n if return_backbone else None
         embeddings = [None] * n if return_embedding else None
+        pred = Prediction({}, backbone, embeddings, ts.truncated, logits)
         pad = models.pad_id(self.tokenizer("token" if ts.word_ids is not None else "sequence"))
         with self._lock, torch.inference_mode():
             for rows in make_batches(ts.lengths, self.batch_size, self.batch_tokens):
@@ -164,26 +171,35 @@ class Predictor:
                     emb = mean_pool(last, mask_t).cpu().tolist()
                     for b, i in enumerate(rows):
                         embeddings[i] = emb[b]
-                if progress is not None:
-                    progress(len(rows))
-        return Prediction({}, backbone, embeddings, ts.truncated, logits)
+                if on_rows is not None:
+                    on_rows(rows, pred)
+        return pred
 
-    def decode(self, enc: Encoded, pred: Prediction) -> Prediction:
-        """Fill ``pred.heads`` from its logits: labels with probabilities, or entity spans."""
+    def decode(self, enc: Encoded, pred: Prediction, rows=None) -> Prediction:
+        """Fill ``pred.heads`` from its logits, at positions ``rows`` (default: all): labels with
+        probabilities, or entity spans. Each input is decoded on its own, so decoding a batch's
+        rows as it finishes gives what decoding them all at the end gives."""
         for name, per_input in pred.logits.items():
-            run = self.feeds[name].run
-            if run.task == "sequence":
-                pred.heads[name] = [sequence_prediction(z, run.label_names) for z in per_input]
-            else:
-                pred.heads[name] = [{"entities": entities(z, enc.word_ids[i], enc.spans[i], enc.texts[i],
-                                                          run.label_names)} for i, z in enumerate(per_input)]
+            run, out = self.feeds[name].run, pred.heads.setdefault(name, [None] * len(per_input))
+            for i in range(len(per_input)) if rows is None else rows:
+                z = per_input[i]
+                out[i] = sequence_prediction(z, run.label_names) if run.task == "sequence" else \
+                    {"entities": entities(z, enc.word_ids[i], enc.spans[i], enc.texts[i], run.label_names)}
         return pred
 
     def __call__(self, texts: list, heads: list[str] | None = None, return_backbone: bool = False,
-                 return_embedding: bool = False, progress: Callable[[int], None] | None = None) -> Prediction:
+                 return_embedding: bool = False, on_rows: OnRows | None = None) -> Prediction:
+        """Encode, run and decode ``texts``. ``on_rows(rows, pred)`` (see ``forward``) sees each
+        batch's inputs decoded too, so a caller can hand them out before the last batch is done."""
         enc = self.encode(texts)
-        return self.decode(enc, self.forward(enc, heads, return_backbone=return_backbone,
-                                             return_embedding=return_embedding, progress=progress))
+
+        def finished(rows, pred: Prediction) -> None:
+            self.decode(enc, pred, rows)
+            if on_rows is not None:
+                on_rows(rows, pred)
+
+        return self.forward(enc, heads, return_backbone=return_backbone, return_embedding=return_embedding,
+                            on_rows=finished)
 
     def _pick(self, heads: list[str] | None) -> list[str]:
         if heads is None:

@@ -343,11 +343,16 @@ def serve_app(app: FastAPI, cfg: ServeConfig, log_level: str = "info") -> None:
         raise AdlError(f"could not listen on {cfg.host}:{cfg.port} (in use? pick another --port)")
 
 
+def for_serving(predictor: Predictor) -> Predictor:
+    """The server's batching: on a CPU, backbone batches of at most CPU_BATCH_TOKENS padded tokens."""
+    if predictor.plan.device == "cpu":
+        predictor.batch_tokens = min(predictor.batch_tokens, CPU_BATCH_TOKENS)
+    return predictor
+
+
 def run_serve(cfg: ServeConfig) -> None:
     """Load the heads of ``cfg.runs`` and their backbone, then serve until SIGTERM."""
     pool = worker()  # the model is loaded on the thread that will run it (see worker's docstring)
-    predictor = pool.submit(Predictor, list(cfg.runs), cfg.device).result()
-    if predictor.plan.device == "cpu":
-        predictor.batch_tokens = min(predictor.batch_tokens, CPU_BATCH_TOKENS)
+    predictor = for_serving(pool.submit(Predictor, list(cfg.runs), cfg.device).result())
     token = os.environ.get(TOKEN_ENV) or None
     serve_app(create_app(predictor, cfg, token, pool), cfg)
