@@ -74,6 +74,8 @@ CASES = [  # name, data, extract options, train options
     ("bert", "csv", dict(views="pooled"), {}),
     ("bert", "csv", dict(views="tokens", project=4), {}),
     ("bert", "csv", dict(views="pooled", dtype="float32"), dict(head="last-layer")),
+    ("bert", "csv", dict(views="pooled,tokens"), dict(head="concat-probe")),  # adl train may keep a probe
+    ("roberta", "conll", {}, dict(head="concat-probe")),
     ("roberta", "conll", {}, {}),
     ("roberta", "conll", dict(project=4, project_method="random"), {}),
     ("bart", "csv", dict(views="pooled,tokens"), {}),
