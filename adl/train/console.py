@@ -19,6 +19,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from adl.train.heads import PROBE_NAMES
+
 
 class EpochTable:
     """A rich live table (last ``rows`` epochs): epoch, loss, validation metric, lr, active layers."""
@@ -43,7 +45,9 @@ class EpochTable:
             self.live.update(self._table(), refresh=True)
         else:
             epoch, loss, val, lr, active = self._cells(row)
-            self.console.print(f"epoch {epoch}: loss {loss}, val {self.metric} {val}, {lr}, active layers {active}",
+            at = f"epoch {epoch}" if "lr" in row else lr  # a probe's rows are its C values, not epochs
+            rest = f", {lr}" if "lr" in row else ""
+            self.console.print(f"{at}: loss {loss}, val {self.metric} {val}{rest}, active layers {active}",
                                highlight=False)
 
     def _cells(self, r: dict) -> tuple[str, ...]:
@@ -84,4 +88,5 @@ def summary_line(head: str, doc: dict) -> str:
     if test and "mcc" in test:
         score += f", mcc {test['mcc']:.4f}"
     return (f"{head}: {score} | active layers {doc['active_layers']} | {doc['params']:,} trainable parameters | "
-            f"{doc['seconds']:.1f}s | best epoch {doc['best_epoch']}/{doc['epochs']}")
+            f"{doc['seconds']:.1f}s | " + (doc["stop_reason"] if head in PROBE_NAMES else
+                                           f"best epoch {doc['best_epoch']}/{doc['epochs']}"))

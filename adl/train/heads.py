@@ -424,6 +424,7 @@ _CLASSES = {"adalayers": AdaLayersHead, "single-layer": AdaLayersHead, "adalayer
             "last-layer": LinearProbe, "linear-probe": LinearProbe, "concat-probe": LinearProbe,
             "scalar-mix": ScalarMix, "head2toe": Head2Toe}
 HEAD_NAMES = tuple(_CLASSES)
+PROBE_NAMES = tuple(name for name, cls in _CLASSES.items() if cls is LinearProbe)  # fitted, not trained
 _SHAPE_ARGS = ("n_layers", "in_dim", "n_classes", "task")
 _SET_BY_NAME = {"single-layer": "fixed_layer", "last-layer": "layer", "concat-probe": "layer"}  # set by the factory
 
