@@ -66,6 +66,8 @@ from adl.serve.server import for_serving
 ROOT = Path(__file__).resolve().parents[1]
 ADL = [sys.executable, "-m", "adl"]
 LEVELS = (1, 8, 32)
+SUMMARY = ("median over rounds; each round measures the single-text forward, the server at 1 and 8, the offline "
+           "reference, the server at 32, and the offline reference again")
 
 
 def setup(work: Path) -> None:
@@ -295,7 +297,7 @@ def main() -> None:
         "rounds": rounds, "server_exit_code": code,
         "throughput_c32_over_offline": ratio, "p50_c1_minus_bare_single_ms": extra,
         "throughput_c32_over_groups_of_32": own, "groups_of_32_over_offline": composition,
-        "summary": "median over rounds; each round measures offline, then the server at 1, 8 and 32",
+        "summary": SUMMARY,
         "targets": {"throughput_c32_over_offline": ">= 0.8", "p50_c1_minus_bare_single_ms": "<= 10"},
         "n_texts": len(texts), "seconds_per_level": args.seconds, "load_generator": "wrk -t1 (Debian wrk 4.1)",
         "seconds": time.perf_counter() - t0, "load_average_1min": load_avg,

@@ -159,7 +159,8 @@ class Batcher:
         heads = None if any(h is None for h in asked) else [n for n in self.names if any(n in h for h in asked)]
         embedding = any(job.embedding for job in batch)
         loop = asyncio.get_running_loop()
-        spans = [range(i - len(job.texts), i) for job, i in zip(batch, itertools.accumulate(len(j.texts) for j in batch))]
+        starts = [0, *itertools.accumulate(len(job.texts) for job in batch)]
+        spans = [range(a, b) for a, b in zip(starts, starts[1:])]  # each job's text positions in the call
         owner = [j for j, span in enumerate(spans) for _ in span]  # text position -> its job
         left = [len(span) for span in spans]
 
@@ -184,7 +185,7 @@ class Batcher:
                 _settle(unanswered[0], exception=e)
             return
         self.on_batch(len(texts), len(batch), time.perf_counter() - start, False)
-        for job, span in zip(batch, spans):  # any job on_rows did not answer (a predictor without it)
+        for job, span in zip(batch, spans):  # a job on_rows has not answered (a predictor that reports no batches)
             self._answer(job, out, span)
 
     def _answer(self, job: Job, out, rows: range) -> None:
