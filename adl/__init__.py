@@ -1,3 +1,8 @@
 """adl: side tasks on a frozen transformer's hidden states (layer-mixing heads)."""
 
 __version__ = "0.1.0"
+
+# The PyPI distribution's name: `adl` on PyPI is an unrelated project, so the package installs as
+# adalayers (the method's name) while the command and the import stay `adl`. Every install hint uses these.
+DIST = "adalayers"
+UPGRADE = f"pip install -U {DIST}"

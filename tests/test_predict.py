@@ -187,5 +187,5 @@ def test_user_mistakes_are_one_line_errors(assets, tmp_path):
     info = json.loads((bert / "head.json").read_text())
     (broken / "cache_manifest.json").write_text((bert / "cache_manifest.json").read_text())
     (broken / "head.json").write_text(json.dumps({**info, "adl_version": "99.0"}))
-    with pytest.raises(AdlError, match="newer adl"):
+    with pytest.raises(AdlError, match=r"newer adl .*`pip install -U adalayers`"):
         Predictor([broken])

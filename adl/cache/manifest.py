@@ -11,7 +11,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from adl import __version__
+from adl import UPGRADE, __version__
 from adl.cache.durable import read_json, write_json
 from adl.errors import AdlError
 
@@ -82,7 +82,7 @@ def read_manifest(root: Path) -> dict:
     if version > SCHEMA_VERSION:
         raise AdlError(
             f"{root} was written by a newer adl (cache schema {version}, this adl reads up to "
-            f"{SCHEMA_VERSION}): upgrade adl (`pip install -U adl`)"
+            f"{SCHEMA_VERSION}): upgrade adl (`{UPGRADE}`)"
         )
     if version < SCHEMA_VERSION:
         raise AdlError(f"{root} was written by an older adl (cache schema {version}, this adl reads schema "

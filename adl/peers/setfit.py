@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 
+from adl import DIST
 from adl.errors import AdlError
 from adl.peers.data import PeerData
 from adl.peers.loop import Forwards, PeerResult
@@ -24,7 +25,7 @@ def _library():
     try:
         import setfit
     except ImportError as e:
-        raise AdlError(f"--method setfit needs the setfit library ({e}): pip install 'adl[peers]'") from None
+        raise AdlError(f"--method setfit needs the setfit library ({e}): pip install '{DIST}[peers]'") from None
     return setfit
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from packaging.version import InvalidVersion, Version
 from torch import nn
 
-from adl import __version__
+from adl import UPGRADE, __version__
 from adl.cache import read_json
 from adl.cache.manifest import SCHEMA_VERSION
 from adl.errors import AdlError
@@ -83,9 +83,9 @@ def load_run(path) -> Run:
     for what, version in (("head", info.get("adl_version")), ("cache manifest", manifest.get("adl_version"))):
         if _newer(version):
             raise AdlError(f"the {what} in {root} was written by a newer adl ({version}; this is {__version__}): "
-                           "upgrade adl (`pip install -U adl`)")
+                           f"upgrade adl (`{UPGRADE}`)")
     if int(manifest.get("schema_version", 0)) > SCHEMA_VERSION:
-        raise AdlError(f"{root} records a cache of a newer schema: upgrade adl (`pip install -U adl`)")
+        raise AdlError(f"{root} records a cache of a newer schema: upgrade adl (`{UPGRADE}`)")
     projection = None
     if info.get("projection"):
         if not (root / PROJECTION_FILE).is_file():
