@@ -340,7 +340,9 @@ def finetune(
                                           "stopping")] = None,
     max_steps: Annotated[Optional[int], _O("--max-steps", help="optimiser steps per epoch at most (setfit: in "
                                            "total)")] = None,
-    seed: Annotated[Optional[int], _O("--seed", help="seed of the head, shuffling and dropout (default 0)")] = None,
+    seed: Annotated[Optional[int], _O("--seed", help="seed of the head, shuffling, dropout and the --train-limit "
+                                      "sample (default 0)")] = None,
+    train_limit: TrainLimitOpt = None,
     dropout: Annotated[Optional[float], _O("--dropout", help="dropout before the task head (default 0.1)")] = None,
     lora_r: Annotated[Optional[int], _O("--lora-r", help="lora: rank (default 8)")] = None,
     lora_alpha: Annotated[Optional[float], _O("--lora-alpha", help="lora: scaling alpha (default 8)")] = None,

@@ -53,13 +53,32 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from rich.console import Console  # noqa: E402
 
 from adl.cache import open_cache, write_json  # noqa: E402
+from adl.peers.config import FinetuneConfig  # noqa: E402
+from adl.peers.run import run_finetune  # noqa: E402
 from adl.train.config import TrainConfig  # noqa: E402
 from adl.train.metrics import selection_metric  # noqa: E402
 from adl.train.run import run_train, tie_rank  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("adl train (defaults)", "adalayers (tokens)", "adalayers-pooled", "probe (val-picked layer)",
-           "concat probe", "scalar mix")
+HEADS = ("adl train (defaults)", "adalayers (tokens)", "adalayers-pooled", "probe (val-picked layer)",
+         "concat probe", "scalar mix")
+PEERS = {"full fine-tuning": "full", "LoRA": "lora"}
+METHODS = (*HEADS, *PEERS)
+# Peers train to convergence: up to PEER_EPOCHS epochs, stopped after PEER_PATIENCE epochs without a
+# better validation score (adl finetune's own caps, 5 and 10 epochs, stop full fine-tuning of a few
+# hundred examples before it converges at lr 2e-5).
+PEER_EPOCHS, PEER_PATIENCE = 20, 3
+
+
+def finetune(cache: Path, n: int | None, seed: int, work: Path, metric: str, method: str) -> dict:
+    """One peer (`adl finetune --method METHOD --train-limit N --seed S`) on the heads' sample."""
+    cfg = FinetuneConfig(cache=str(cache), method=method, seed=seed, train_limit=n, device="cpu", overwrite=True,
+                         max_epochs=PEER_EPOCHS, patience=PEER_PATIENCE, progress=False,
+                         out=str(work / f"{n or 'all'}-{seed}" / method))
+    doc = run_finetune(cfg, console=Console(stderr=True))["metrics"]
+    return {"val": doc["validation"][metric], "test": doc["test"][metric], "seconds": doc["seconds"],
+            "seconds_total": doc["seconds_total"], "epochs": doc["epochs"], "best_epoch": doc["best_epoch"],
+            "stop_reason": doc["stop_reason"]}
 
 
 def train(cfg: TrainConfig, metric: str) -> dict:
@@ -91,40 +110,69 @@ def with_default(res: dict) -> dict:
     """Add the `adl train` default's row: of the runs ``adl.train.run.candidates`` names (the tokens
     head, the pooled head on a sequence task, the concat probe), the best on validation, a tie
     going to the cheaper by ``adl.train.run.tie_rank``, as ``run_train`` chooses. The runs are the
-    same (same seed, sample and config), so the row is taken from theirs."""
+    same (same seed, sample and config), so the row is taken from theirs; its ``seconds`` are the
+    sum of every candidate's, since `adl train` trains them all. A point with peers only (heads
+    measured by another process) is returned as it is."""
     res = {k: v for k, v in res.items() if k != "adl train (defaults)"}
-    kept = max((m for m in HEAD_OF if m in res), key=lambda m: (res[m]["val"], tie_rank(HEAD_OF[m])))
-    return {"adl train (defaults)": {**res[kept], "kept": kept}, **res}
+    tried = [m for m in HEAD_OF if m in res]
+    if not tried:
+        return res
+    kept = max(tried, key=lambda m: (res[m]["val"], tie_rank(HEAD_OF[m])))
+    cost = sum(res[m].get("seconds") or 0.0 for m in tried)
+    return {"adl train (defaults)": {**res[kept], "kept": kept, "seconds": cost}, **res}
 
 
 def summarise(points: dict, sizes: list[str], methods: tuple[str, ...]) -> list[dict]:
-    """Per size and method: mean and std of the test metric over seeds; adalayers' verdict."""
+    """Per size and method (those measured at that size): mean and std of the test metric and
+    mean seconds over seeds; each head's verdict against the better probe, and the default's gap
+    to full fine-tuning with its time ratio."""
     rows = []
     for size in sizes:
-        per = {m: [p[m]["test"] for p in points[size]] for m in methods}
-        stat = {m: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for m, v in per.items()}
-        probe = max(("probe (val-picked layer)", "concat probe"), key=lambda m: stat[m][0])
-        for m in methods:
-            row = {"size": size, "method": m, "mean": stat[m][0], "std": stat[m][1], "seeds": len(per[m])}
-            if m.startswith(("adalayers", "adl train")):
-                gap, spread = stat[m][0] - stat[probe][0], max(stat[m][1], stat[probe][1])
-                verdict = "wins" if gap > spread else "loses" if gap < -spread else "ties"
-                if len(per[m]) < 2:  # one seed: no spread to call a win or a tie with
-                    spread, verdict = None, "above" if gap > 0 else "below"
-                row["vs_best_probe"] = {"probe": probe, "delta": gap, "spread": spread, "verdict": verdict}
+        here = [m for m in methods if any(m in p for p in points[size])]
+        per = {m: [p[m] for p in points[size] if m in p] for m in here}
+        stat = {m: (statistics.mean(r["test"] for r in v), statistics.stdev(r["test"] for r in v) if len(v) > 1
+                    else 0.0) for m, v in per.items()}
+        secs = {m: statistics.mean(r.get("seconds") or 0.0 for r in v) for m, v in per.items()}
+        probe = max(("probe (val-picked layer)", "concat probe"), key=lambda m: stat[m][0] if m in stat else -1)
+        for m in here:
+            row = {"size": size, "method": m, "mean": stat[m][0], "std": stat[m][1], "seeds": len(per[m]),
+                   "seconds": secs[m]}
+            if m.startswith(("adalayers", "adl train")) and probe in stat:
+                row["vs_best_probe"] = verdict(stat[m], stat[probe], len(per[m])) | {"probe": probe}
+            if m.startswith("adl train") and "full fine-tuning" in stat:
+                row["vs_full_finetuning"] = verdict(stat[m], stat["full fine-tuning"], len(per[m])) | {
+                    "time_ratio": secs[m] / secs["full fine-tuning"] if secs["full fine-tuning"] else None}
             rows.append(row)
     return rows
 
 
+def verdict(mine: tuple[float, float], other: tuple[float, float], seeds: int) -> dict:
+    """Wins / ties / loses: the gap in means against the larger of the two spreads (one seed: above / below)."""
+    gap, spread = mine[0] - other[0], max(mine[1], other[1])
+    if seeds < 2:  # one seed: no spread to call a win or a tie with
+        return {"delta": gap, "spread": None, "verdict": "above" if gap > 0 else "below"}
+    return {"delta": gap, "spread": spread, "verdict": "wins" if gap > spread else "loses" if gap < -spread else "ties"}
+
+
 def markdown(rows: list[dict], metric: str, train_n: dict) -> str:
-    lines = [f"| train examples | method | test {metric} (mean ± std) | vs the better probe |", "|---|---|---|---|"]
+    lines = [f"| train examples | method | test {metric} (mean ± std) | time (s) | vs the better probe | "
+             "vs full fine-tuning |", "|---|---|---|---|---|---|"]
     for r in rows:
-        v = r.get("vs_best_probe")
-        spread = "one seed, no spread" if v is None or v["spread"] is None else f"spread {100 * v['spread']:.2f}"
-        verdict = "" if v is None else f"{v['verdict']} ({100 * v['delta']:+.2f} points, {spread})"
         score = f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}" if r["seeds"] > 1 else f"{100 * r['mean']:.2f} (1 seed)"
-        lines.append(f"| {train_n[r['size']]:,} | {r['method']} | {score} | {verdict} |")
+        if r["seeds"] not in (1, 3):
+            score += f" ({r['seeds']} seeds)"
+        ft = r.get("vs_full_finetuning")
+        ratio = "" if ft is None or ft["time_ratio"] is None else f", {ft['time_ratio']:.2f}x its time"
+        lines.append(f"| {train_n[r['size']]:,} | {r['method']} | {score} | {r['seconds']:,.0f} | "
+                     f"{says(r.get('vs_best_probe'))} | {says(ft)}{ratio} |")
     return "\n".join(lines) + "\n"
+
+
+def says(v: dict | None) -> str:
+    if v is None:
+        return ""
+    spread = "one seed, no spread" if v["spread"] is None else f"spread {100 * v['spread']:.2f}"
+    return f"{v['verdict']} ({100 * v['delta']:+.2f} points, {spread})"
 
 
 def plot(rows: list[dict], metric: str, train_n: dict, title: str, path: Path, methods: tuple[str, ...]) -> None:
@@ -133,22 +181,29 @@ def plot(rows: list[dict], metric: str, train_n: dict, title: str, path: Path, m
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, m in enumerate(methods):
+    fig, (ax, cost) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [3, 2]})
+    for i, m in enumerate(m for m in methods if any(r["method"] == m for r in rows)):
         rs = [r for r in rows if r["method"] == m]
-        x = [train_n[r["size"]] * (1 + 0.03 * (i - 2.5)) for r in rs]  # a small offset keeps error bars apart
-        ax.errorbar(x, [100 * r["mean"] for r in rs], yerr=[100 * r["std"] for r in rs], marker="o", capsize=3,
-                    label=m, linewidth=2.5 if m.startswith("adl train") else 1.2)
-    ax.set_xscale("log")
+        n = [train_n[r["size"]] for r in rs]
+        x = [k * (1 + 0.03 * (i - 3.5)) for k in n]  # a small offset keeps error bars apart
+        style = dict(marker="o", label=m, linewidth=2.5 if m.startswith("adl train") else 1.2,
+                     linestyle="--" if m in PEERS else "-")
+        ax.errorbar(x, [100 * r["mean"] for r in rs], yerr=[100 * r["std"] for r in rs], capsize=3, **style)
+        cost.plot(n, [max(r["seconds"], 0.1) for r in rs], **style)
     sizes = sorted({train_n[r["size"]] for r in rows})
-    ax.set_xticks(sizes, [f"{n:,}" for n in sizes])  # the measured sizes, not powers of ten
-    ax.minorticks_off()
-    ax.set_xlim(sizes[0] / 1.25, sizes[-1] * 1.25)
-    ax.set_xlabel("training examples (log scale)")
+    for a in (ax, cost):
+        a.set_xscale("log")
+        a.set_xticks(sizes, [f"{n:,}" for n in sizes])  # the measured sizes, not powers of ten
+        a.minorticks_off()
+        a.set_xlim(sizes[0] / 1.25, sizes[-1] * 1.25)
+        a.set_xlabel("training examples (log scale)")
+        a.grid(alpha=0.3)
     ax.set_ylabel(f"test {metric} (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
+    cost.set_yscale("log")
+    cost.set_ylabel("training seconds, one core (log scale)")
+    cost.set_title("cost of one run (the default: all its candidates; extraction not counted)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -169,15 +224,18 @@ def load_results(out: Path) -> dict:
 
 
 def save_point(out: Path, n: int, point: dict, held: dict, metric: str) -> None:
-    """Add one (size, seed) point to the results file under a lock (two sizes may run at once in
-    two processes); refuse a cache whose held-out splits differ from the file's."""
+    """Merge one (size, seed) point's methods into the results file under a lock (heads and peers
+    of one size may run at once in several processes); refuse a cache whose held-out splits differ
+    from the file's."""
     with locked(out):
         doc = load_results(out)
         if doc.get("held_out", held) != held or doc.get("metric", metric) != metric:
             raise SystemExit(f"{out} holds points from another backbone or other validation/test splits: "
                              "pass another --name")
-        runs = [p for p in doc["points"].get(str(n), []) if p["seed"] != point["seed"]]
-        doc["points"][str(n)] = sorted([*runs, point], key=lambda p: p["seed"])
+        runs = doc["points"].get(str(n), [])
+        old = next((p for p in runs if p["seed"] == point["seed"]), {})
+        runs = [p for p in runs if p["seed"] != point["seed"]]
+        doc["points"][str(n)] = sorted([*runs, {**old, **point}], key=lambda p: p["seed"])
         doc.update(held_out=held, metric=metric)
         write_json(out, doc)
 
@@ -199,7 +257,6 @@ def report(out: Path, name: str, model: str, methods: tuple[str, ...], argv: str
 def _report(doc: dict, name: str, model: str, methods: tuple[str, ...], argv: str | None, seconds: float) -> dict:
     points = {k: [with_default(p) for p in v] for k, v in sorted(doc["points"].items(), key=lambda kv: int(kv[0]))}
     sizes = list(points)
-    methods = tuple(m for m in methods if all(m in p for v in points.values() for p in v))
     rows = summarise(points, sizes, methods)
     train_n = {s: int(s) for s in sizes}
     table = markdown(rows, doc["metric"], train_n)
@@ -224,6 +281,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="500,2000,all", help="training sizes; 'all' is the whole training split")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--work", default="/tmp/adl-bench-curve")
+    ap.add_argument("--methods", default="heads",
+                    help="heads (adl's heads and the probes), full, lora (adl finetune, to convergence); comma-separated")
     ap.add_argument("--redo", action="store_true", help="train (size, seed) points the results file already has")
     ap.add_argument("--report", action="store_true",
                     help="no training: rebuild the table and plot from bench/results/curve-<name>.json")
@@ -232,25 +291,32 @@ def main() -> None:
     name = a.name or Path(a.cache).name
     metric = selection_metric(cache.task)
     total = int(cache.manifest["splits"]["train"]["n"])
-    methods = tuple(m for m in METHODS if cache.task == "sequence" or m != "adalayers-pooled")
+    methods = tuple(m for m in METHODS if cache.task == "sequence" or m != "adalayers-pooled")  # no pooled NER head
     model = cache.manifest["model"].get("name") or cache.manifest["model"]["id"]
     out = ROOT / "bench" / "results" / f"curve-{name}.json"
     t0, held, work = time.perf_counter(), held_out(cache), Path(a.work) / name
     if a.report:
         return report(out, name, model, methods, None, 0.0)
+    groups = a.methods.split(",")
+    if set(groups) - {"heads", *PEERS.values()}:
+        raise SystemExit(f"--methods takes heads, {', '.join(PEERS.values())}")
     for size in a.sizes.split(","):
         n = total if size == "all" else min(int(size), total)
         for seed in map(int, a.seeds.split(",")):
-            have = {p["seed"] for p in load_results(out)["points"].get(str(n), [])}
-            if seed in have and not a.redo:
-                print(f"{name} n={n} seed={seed}: already in {out.name} (--redo trains it again)")
-                continue
-            t = time.perf_counter()
-            point = one_point(Path(a.cache), None if n == total else n, seed, work, metric,
-                              list(range(len(cache.layers))), methods)
-            save_point(out, n, {**point, "seed": seed, "cache": a.cache}, held, metric)
-            print(f"{name} n={n} seed={seed}: " + ", ".join(f"{m} {100 * point[m]['test']:.2f}" for m in methods)
-                  + f" ({time.perf_counter() - t:.0f}s)", flush=True)
+            for group in groups:
+                names = [m for m in HEADS if m in methods] if group == "heads" else [
+                    m for m, v in PEERS.items() if v == group]
+                have = next((p for p in load_results(out)["points"].get(str(n), []) if p["seed"] == seed), {})
+                if all(m in have for m in names) and not a.redo:
+                    print(f"{name} n={n} seed={seed} {group}: already in {out.name} (--redo trains it again)")
+                    continue
+                t = time.perf_counter()
+                limit = None if n == total else n
+                point = (one_point(Path(a.cache), limit, seed, work, metric, list(range(len(cache.layers))), methods)
+                         if group == "heads" else {names[0]: finetune(Path(a.cache), limit, seed, work, metric, group)})
+                save_point(out, n, {**point, "seed": seed, "cache": a.cache}, held, metric)
+                print(f"{name} n={n} seed={seed}: " + ", ".join(f"{m} {100 * point[m]['test']:.2f}" for m in names)
+                      + f" ({time.perf_counter() - t:.0f}s)", flush=True)
     report(out, name, model, methods, "bench/curve.py " + " ".join(sys.argv[1:]), time.perf_counter() - t0)
 
 

@@ -18,6 +18,7 @@ from adl.extract.config import ExtractConfig
 from adl.extract.run import run_extract
 from adl.peers.config import DEFAULTS, FinetuneConfig, resolve
 from adl.peers.data import load_peer_data
+from adl.train.data import load_data
 
 runner = CliRunner()
 FAST = ["--max-epochs", "2", "--max-steps", "2", "--batch-size", "8"]
@@ -54,6 +55,22 @@ def test_the_peer_sees_exactly_the_cached_rows_in_cache_order(assets):
     data = load_peer_data(ner)
     assert np.array_equal(data.splits["test"].labels, ner.labels("test"))
     assert np.array_equal(data.splits["test"].offsets, ner.offsets("test"))
+
+
+def test_train_limit_gives_the_peer_the_heads_sample(assets, tmp_path):
+    """`adl finetune --train-limit N --seed S` trains on the rows `adl train --train-limit N --seed S` reads."""
+    cache = open_cache(assets["seq"])
+    heads = load_data(cache, "pooled:mean", device="cpu", seed=3, memory_gb=1.0, train_limit=20)
+    peer = load_peer_data(cache, train_limit=20, seed=3).splits["train"]
+    assert len(peer) == heads.train.n == 20
+    assert np.array_equal(peer.raw.ids, cache.ids("train")[heads.train.rows])
+    assert np.array_equal(peer.labels, cache.labels("train")[heads.train.rows])
+    assert len(load_peer_data(cache, train_limit=20, seed=4).splits["validation"]) == cache.manifest["splits"][
+        "validation"]["n"]
+    res = invoke("finetune", "--cache", assets["seq"], "--method", "full", "--train-limit", "20", "--seed", "3",
+                 "--out", tmp_path / "run", *FAST)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["train_limit"] == 20
 
 
 @pytest.mark.parametrize("cache, method", [("seq", "full"), ("seq", "bitfit"), ("seq", "lora"), ("seq", "prompt"),

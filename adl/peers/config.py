@@ -54,6 +54,7 @@ class FinetuneConfig:
     max_epochs: int | None = None
     patience: int | None = None  # epochs without a better validation score before stopping
     seed: int = 0
+    train_limit: int | None = None  # a seeded sample of N training examples, the one `adl train --train-limit` draws
     dropout: float = 0.1  # before the task head
     lora_r: int | None = None
     lora_alpha: float | None = None
@@ -69,7 +70,7 @@ class FinetuneConfig:
         if self.method not in METHODS:
             raise AdlError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
         positive = ("lr", "batch_size", "max_epochs", "patience", "lora_r", "lora_alpha", "virtual_tokens",
-                    "encoder_hidden", "setfit_iterations", "max_steps")
+                    "encoder_hidden", "setfit_iterations", "max_steps", "train_limit")
         for name in positive:
             v = getattr(self, name)
             if v is not None and not v > 0:

@@ -18,6 +18,7 @@ from adl.errors import AdlError
 from adl.extract import models
 from adl.extract.datasets import Split, reload_dataset
 from adl.extract.tokenize import TokenizedSplit, collate, tokenize_split
+from adl.train.data import train_sample
 
 SPLITS = ("train", "validation", "test")
 
@@ -76,8 +77,12 @@ def refuse_projection(manifest: dict, root) -> None:
                        "cache without --project for the comparison")
 
 
-def load_peer_data(cache, *, reserve: int = 0, config=None) -> PeerData:
+def load_peer_data(cache, *, reserve: int = 0, config=None, train_limit: int | None = None,
+                   seed: int = 0) -> PeerData:
     """Re-read the data set of ``cache`` (an open Cache) and keep exactly its train/validation/test rows.
+
+    ``train_limit`` keeps the sample of training rows ``adl train --train-limit N --seed S`` trains
+    on (``adl.train.data.train_sample``), so a learning curve's peers see the heads' examples.
 
     ``reserve`` positions are kept free for prompt tokens: the cache's max_length shrinks when
     max_length + reserve would exceed the model's limit (``config`` gives the position table).
@@ -101,9 +106,11 @@ def load_peer_data(cache, *, reserve: int = 0, config=None) -> PeerData:
     for name in SPLITS:
         if name not in man["splits"]:
             raise AdlError(f"{cache.root} has no {name} split; a peer needs train, validation and test")
-        raw = _rows(ds.splits[name], cache.ids(name), name)
+        keep = train_sample(len(cache.ids(name)), train_limit, seed) if name == "train" else None
+        keep = slice(None) if keep is None else keep
+        raw = _rows(ds.splits[name], cache.ids(name)[keep], name)
         ts = tokenize_split(raw, man["task"], tok, length, labeled=True)
-        if man["task"] == "sequence" and not np.array_equal(ts.labels, cache.labels(name)):
+        if man["task"] == "sequence" and not np.array_equal(ts.labels, cache.labels(name)[keep]):
             raise AdlError(f"split {name} of {cache.root} has other labels than its re-read data set: re-extract")
         splits[name] = PeerSplit(name, man["task"], raw, ts)
     return PeerData(man["task"], list(man["label_names"]), splits, tok, models.pad_id(tok), length)

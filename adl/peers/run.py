@@ -67,7 +67,7 @@ def run_finetune(cfg: FinetuneConfig, *, console: Console | None = None) -> dict
     final = Path(cfg.out)
     out = prepare_out(cfg.out, cfg.overwrite)
     reserve = cfg.virtual_tokens if cfg.method in PROMPT_METHODS else 0
-    data = load_peer_data(cache, reserve=reserve, config=hf_config)
+    data = load_peer_data(cache, reserve=reserve, config=hf_config, train_limit=cfg.train_limit, seed=cfg.seed)
     device = models.select_device(cfg.device)
     write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "cache_hash": cache.hash,
                                      "adl_version": __version__, "method": cfg.method, "source": SOURCES[cfg.method],

@@ -205,10 +205,11 @@ def _gather(values, offsets: np.ndarray, rows: np.ndarray,
     return out, new, src
 
 
-def _sample(n: int, limit: int | None, seed: int) -> np.ndarray | None:
+def train_sample(n: int, limit: int | None, seed: int) -> np.ndarray | None:
     """Sorted indices of ``limit`` of ``n`` examples drawn with ``seed``; None (all) when there
     is no limit or it covers the split. Sorted, so the sample keeps the cache's row order
-    (by length, as the other splits) and the same seed gives the same batches."""
+    (by length, as the other splits) and the same seed gives the same batches. ``adl finetune
+    --train-limit`` draws its sample here too, so peers train on the heads' examples."""
     if limit is None or limit >= n:
         return None
     return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
@@ -291,7 +292,7 @@ def load_data(cache, view: str, *, device: str, seed: int, memory_gb: float,
         if not cache.labeled(split):
             raise AdlError(f"split {split!r} of {cache.root} is unlabeled; training needs labels there")
     splits = ["train", "validation"] + (["test"] if "test" in cache.splits and cache.labeled("test") else [])
-    rows = _sample(int(cache.manifest["splits"]["train"]["n"]), train_limit, seed)
+    rows = train_sample(int(cache.manifest["splits"]["train"]["n"]), train_limit, seed)
     block_tokens = None
     if view == "tokens":
         row_bytes = len(cache.layers) * int(cache.manifest["token_dim"]) * 4
