@@ -19,6 +19,7 @@ from rich.markup import escape
 
 from adl.cache import open_cache, verify_cache
 from adl.cache.summary import summary
+from adl.devices import HELP as DEVICE_HELP
 from adl.errors import AdlError
 from adl.extract.config import ExtractConfig
 from adl.extract.run import run_extract
@@ -92,7 +93,7 @@ def extract(
     batch_tokens: Annotated[Optional[int], _O("--batch-tokens", help="cap on rows x longest row per batch, so long inputs run in smaller "
                                               "batches (default batch size x 128)")] = None,
     max_length: Annotated[Optional[int], _O("--max-length", help="tokens per example (default: the model's limit)")] = None,
-    device: Annotated[Optional[str], _O("--device", help="auto (default) | cpu | cuda")] = None,
+    device: Annotated[Optional[str], _O("--device", help=DEVICE_HELP)] = None,
     limit: Annotated[Optional[int], _O("--limit", help="at most N examples per split, for quick tries")] = None,
     seed: Annotated[Optional[int], _O("--seed", help="seed of carving, limit sampling and projection (default 42)")] = None,
     text_column: Annotated[Optional[str], _O("--text-column", help="text column (tokens column for NER)")] = None,
@@ -166,7 +167,7 @@ PoolOpt = Annotated[Optional[str], _O("--pool", help="pooled view for pooled hea
 TrainLimitOpt = Annotated[Optional[int], _O("--train-limit", help="train on a seeded sample of N training examples "
                                             "(learning curves); validation and test stay whole")]
 MemoryOpt = Annotated[Optional[float], _O("--memory-gb", help="RAM budget for the tokens view before streaming")]
-DeviceOpt = Annotated[Optional[str], _O("--device", help="auto | cpu | cuda | cuda:N | mps")]
+DeviceOpt = Annotated[Optional[str], _O("--device", help=DEVICE_HELP)]
 OutOpt = Annotated[Optional[str], _O("--out", help="run folder (default runs/<cache>-<head>-<time>)")]
 OverwriteOpt = Annotated[Optional[bool], _O("--overwrite", help="write into an existing run folder")]
 
@@ -235,7 +236,7 @@ def _sweep_params() -> list[inspect.Parameter]:
               opt("vectorise", Optional[bool], "--vectorise/--no-vectorise", helps["vectorise"]),
               opt("baselines", Optional[str], "--baselines", helps["baselines"]),
               opt("top", Optional[int], "--top", helps["top"]),
-              opt("device", Optional[str], "--device", "auto | cpu | cuda | cuda:N | mps"),
+              opt("device", Optional[str], "--device", DEVICE_HELP),
               opt("memory_gb", Optional[float], "--memory-gb", "RAM budget for the tokens view before streaming")]
     for f in dataclasses.fields(TrainConfig):
         if f.name not in NOT_SWEPT:
@@ -284,7 +285,7 @@ def predict(
     dataset: Annotated[Optional[str], _O("--dataset", help="data set spec for --split (default: the run's)")] = None,
     out: Annotated[Optional[str], _O("--out", help="predictions JSONL (default predictions.jsonl)")] = None,
     batch_size: Annotated[Optional[int], _O("--batch-size", help="examples per forward pass (default: the extraction's)")] = None,
-    device: Annotated[Optional[str], _O("--device", help="auto (default) | cpu | cuda")] = None,
+    device: Annotated[Optional[str], _O("--device", help=DEVICE_HELP)] = None,
 ) -> None:
     """Apply trained heads to texts, a file or a split, in one forward pass of their backbone."""
     given = {k: v for k, v in dict(runs=run, texts=text, file=file, text_column=text_column,
@@ -309,7 +310,7 @@ def serve(
                                                 "(default 64)")] = None,
     max_wait_ms: Annotated[Optional[float], _O("--max-wait-ms", help="how long a batch waits for more requests "
                                                "when the server is busy (default 10)")] = None,
-    device: Annotated[Optional[str], _O("--device", help="auto (default) | cpu | cuda | cuda:N | mps")] = None,
+    device: Annotated[Optional[str], _O("--device", help=DEVICE_HELP)] = None,
     max_body_kb: Annotated[Optional[int], _O("--max-body-kb", help="request body limit in KiB (default 1024)")] = None,
     max_texts: Annotated[Optional[int], _O("--max-texts", help="texts per request, at most (default 64)")] = None,
     max_chars: Annotated[Optional[int], _O("--max-chars", help="characters per text, at most (default 10000)")] = None,
@@ -353,7 +354,7 @@ def finetune(
                                                 "(default 128)")] = None,
     setfit_iterations: Annotated[Optional[int], _O("--setfit-iterations", help="setfit: pairs per example "
                                                    "(default 20)")] = None,
-    device: Annotated[Optional[str], _O("--device", help="auto (default) | cpu | cuda")] = None,
+    device: Annotated[Optional[str], _O("--device", help=DEVICE_HELP)] = None,
     overwrite: Annotated[bool, _O("--overwrite", help="replace an existing run folder")] = False,
 ) -> None:
     """Train a peer (full fine-tuning, BitFit, LoRA, prompt tuning, P-tuning + bias, SetFit) on a cache's examples."""

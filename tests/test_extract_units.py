@@ -172,6 +172,7 @@ def test_sample_rows_reaches_the_token_budget():
 def test_device_selection(monkeypatch, cuda, bf16, requested, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: int(cuda))
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     p = models.select_device(requested)
     assert (p.device, p.autocast, p.pin_memory) == expected

@@ -44,7 +44,7 @@ def caches(tmp_path_factory):
     ("memory_gb", 0.0, "--memory-gb must be > 0"),
     ("head", "mlp", "unknown head 'mlp'"),
     ("preset", "sst", "unknown preset 'sst'"),
-    ("device", "tpu", "unknown device 'tpu'"),
+    ("device", "tpu", "--device 'tpu' is not a device"),
     ("cache", "", "no cache given"),
 ])
 def test_out_of_range_values_are_refused(field, value, message):

@@ -9,13 +9,13 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
+from adl.devices import check_device
 from adl.errors import AdlError
 
 VIEWS = ("pooled", "tokens")
 POOLS = ("mean", "cls", "last", "max")
 DTYPES = ("float16", "float32")
 FORMATS = ("zarr", "hdf5")
-DEVICES = ("auto", "cpu", "cuda")
 PROJECT_METHODS = ("pca", "random")
 _INDEX = r"-?\d+"
 _LAYER_ITEM = re.compile(rf"^(?:{_INDEX}|(?:{_INDEX})?:(?:{_INDEX})?(?::(?:{_INDEX})?)?)$")
@@ -45,7 +45,7 @@ class ExtractConfig:
     batch_size: int = 32  # rows per forward pass, at most
     batch_tokens: int | None = None  # cap on rows x longest row per batch; None: batch_size x 128
     max_length: int | None = None  # None: the model's limit
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # adl.devices.SPELLINGS
     limit: int | None = None  # at most this many examples per split (seeded sample)
     seed: int = 42
     text_column: str | None = None
@@ -66,10 +66,10 @@ class ExtractConfig:
             raise AdlError("both a model and a dataset are needed: adl extract --model M --dataset D")
         _check_choices("--views", self.views, VIEWS)
         _check_choices("--pool", self.pool, POOLS)
+        check_device(self.device)
         for flag, value, allowed in (
             ("--dtype", self.dtype, DTYPES),
             ("--format", self.format, FORMATS),
-            ("--device", self.device, DEVICES),
             ("--project-method", self.project_method, PROJECT_METHODS),
         ):
             if value not in allowed:

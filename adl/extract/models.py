@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from adl.devices import parse_device
 from adl.errors import AdlError
 
 ALIASES = {"roberta-large": "FacebookAI/roberta-large", "bart-large": "facebook/bart-large-cnn"}
@@ -47,7 +48,7 @@ class DevicePlan:
     Pinned host memory and non_blocking copies only pay off (and only work) with CUDA.
     """
 
-    device: str  # "cpu" | "cuda:<i>"
+    device: str  # "cpu" | "cuda:<i>" | "mps"
     autocast: torch.dtype | None
     pin_memory: bool
 
@@ -65,18 +66,12 @@ class DevicePlan:
 
 
 def select_device(requested: str = "auto") -> DevicePlan:
-    """``auto`` takes CUDA when visible (device $LOCAL_RANK under torchrun), else the CPU."""
-    has_cuda = torch.cuda.is_available()
-    if requested == "cuda" and not has_cuda:
-        raise AdlError(
-            f"--device cuda, but torch {torch.__version__} sees no CUDA device: use --device cpu "
-            "(or auto), or install a CUDA build of torch"
-        )
-    if requested == "cpu" or not has_cuda:
-        return DevicePlan("cpu", None, False)
-    index = int(os.environ.get("LOCAL_RANK", "0"))
+    """The plan for ``requested`` as ``adl.devices.parse_device`` reads it: autocast on CUDA only."""
+    device = parse_device(requested)
+    if not device.startswith("cuda"):
+        return DevicePlan(device, None, False)
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return DevicePlan(f"cuda:{index}", dtype, True)
+    return DevicePlan(device, dtype, True)
 
 
 def load_config(model_id: str, trust_remote_code: bool = False):

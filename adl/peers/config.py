@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from adl.devices import check_device
 from adl.errors import AdlError
 
 METHODS = ("full", "bitfit", "lora", "prompt", "ptuning-bias", "setfit")
@@ -83,8 +84,7 @@ class FinetuneConfig:
                 raise AdlError(f"--{name.replace('_', '-')} must be in [0, 1), got {v}")
         if self.seed < 0:
             raise AdlError(f"--seed must be non-negative, got {self.seed}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise AdlError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        check_device(self.device)
         given = {k for k in ("lora_r", "lora_alpha", "lora_dropout", "virtual_tokens", "encoder_hidden",
                              "setfit_iterations") if getattr(self, k) is not None}
         foreign = sorted(given - set(DEFAULTS[self.method]))

@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from adl.cache import write_json
+from adl.devices import check_device
 from adl.errors import AdlError
 from adl.extract.datasets import TEXT_CANDIDATES, load_dataset, reload_dataset
 from adl.extract.sources import read_csv, read_jsonl
@@ -58,6 +59,7 @@ class PredictConfig:
             raise AdlError(f"{flag} goes with --file (a .csv, .jsonl or .parquet file)")
         if self.batch_size is not None and self.batch_size < 1:
             raise AdlError(f"--batch-size must be >= 1 (got {self.batch_size})")
+        check_device(self.device)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from adl.devices import check_device
 from adl.errors import AdlError
 from adl.extract import models
 from adl.extract.datasets import Split
@@ -68,6 +69,7 @@ class Predictor:
     def __init__(self, runs, device: str = "auto", batch_size: int | None = None, batch_tokens: int | None = None):
         if isinstance(runs, (str, bytes)) or not runs:
             raise AdlError("Predictor needs a list of run folders, e.g. Predictor(['runs/sentiment'])")
+        check_device(device)
         self.runs: list[Run] = [load_run(r) for r in runs]
         check_same_backbone(self.runs)
         m = self.runs[0].manifest

@@ -45,6 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adl import __version__
+from adl.devices import HELP as DEVICE_HELP
+from adl.devices import check_device
 from adl.errors import AdlError
 from adl.serve.batcher import Batcher, worker
 from adl.serve import Predictor
@@ -70,7 +72,7 @@ class ServeConfig:
     max_batch_size: int = _opt("texts per backbone call, at most", 64)
     max_wait_ms: float = _opt("how long a batch waits, at most, for more requests when the server is busy "
                               "(it closes sooner once they stop arriving)", 10.0)
-    device: str = _opt("auto | cpu | cuda | cuda:N | mps", "auto")
+    device: str = _opt(DEVICE_HELP, "auto")
     max_body_kb: int = _opt("request body size limit in KiB", 1024)
     max_texts: int = _opt("texts per request, at most", 64)
     max_chars: int = _opt("characters per text, at most", 10_000)
@@ -86,6 +88,7 @@ class ServeConfig:
             raise AdlError(f"--port must be <= 65535, got {self.port}")
         if not 0 <= self.max_wait_ms <= 10_000:
             raise AdlError(f"--max-wait-ms must lie in [0, 10000], got {self.max_wait_ms}")
+        check_device(self.device)
 
 
 class PredictRequest(BaseModel):

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from adl.devices import HELP as DEVICE_HELP
+from adl.devices import check_device, parse_device
 from adl.errors import AdlError
 
 TRAIN_HEADS = ("adalayers", "adalayers-pooled", "single-layer", "last-layer", "linear-probe", "concat-probe", "scalar-mix",
@@ -85,7 +86,7 @@ class TrainConfig:
                                    "whole); None = all")
     pool: str | None = _opt("pooled view for pooled heads (None = mean if present)")
     memory_gb: float = _opt("RAM budget for the tokens view: loaded whole below it, streamed above", 8.0)
-    device: str = _opt("auto | cpu | cuda | cuda:N | mps", "auto")
+    device: str = _opt(DEVICE_HELP, "auto")
     overwrite: bool = _opt("write into an existing run folder", False)
 
     def __post_init__(self):
@@ -117,8 +118,7 @@ def _check(c: TrainConfig) -> None:
     _range(c.lasso, "lasso", lambda v: v >= 0, ">= 0")
     _range(c.keep, "keep", lambda v: 0 < v <= 1, "in (0, 1]")
     _range(c.memory_gb, "memory_gb", lambda v: v > 0, "> 0 (GB)")
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", c.device):
-        raise AdlError(f"unknown device {c.device!r}; use auto, cpu, cuda, cuda:N or mps")
+    check_device(c.device)
     if c.layer is not None and c.head is not None and c.head not in _LAYER_HEADS:
         raise AdlError(f"--layer applies to --head single-layer or linear-probe, not {c.head}; drop --layer")
 
@@ -188,18 +188,6 @@ def auto_head(cache) -> str:
     return "adalayers" if "tokens" in cache.views or cache.task == "token" else "adalayers-pooled"
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AdlError(f"--device {device} asked for, but torch sees no CUDA GPU; use --device cpu")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise AdlError("--device mps asked for, but MPS is not available; use --device cpu")
-    return device
-
-
 def resolve(cfg: TrainConfig, cache, *, kind: str | None = None) -> TrainConfig:
     """Fill every None from the cache: preset hyperparameters, head, device and run folder.
 
@@ -219,4 +207,4 @@ def resolve(cfg: TrainConfig, cache, *, kind: str | None = None) -> TrainConfig:
     elif cfg.layer is not None and kind is None:
         raise AdlError(f"--layer applies to --head single-layer or linear-probe, not {head}; drop --layer")
     out = cfg.out or str(Path("runs") / f"{Path(cache.root).name}-{kind or head}-{datetime.now():%Y%m%d-%H%M%S}")
-    return dataclasses.replace(cfg, **filled, preset=preset, head=head, out=out, device=resolve_device(cfg.device))
+    return dataclasses.replace(cfg, **filled, preset=preset, head=head, out=out, device=parse_device(cfg.device))
