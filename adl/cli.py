@@ -26,7 +26,7 @@ from adl.extract.run import run_extract
 from adl.peers.compare import CompareConfig, run_compare
 from adl.peers.config import FinetuneConfig
 from adl.peers.run import run_finetune
-from adl.serve.predict import PredictConfig, run_predict
+from adl.serve.predict_cmd import PredictConfig, run_predict
 from adl.serve.server import ServeConfig, run_serve
 from adl.sweep.config import NOT_SWEPT, SWEEPABLE, SweepConfig, field_type, parse_space
 from adl.sweep.report import report_sweep

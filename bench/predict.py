@@ -103,7 +103,7 @@ def naive(p: Predictor, enc, feeds) -> None:
 
 def streamed(p: Predictor, enc, feeds) -> None:
     for ids, mask in batches(p, enc):
-        p.stream.run(ids, mask, feeds, full=False, last=False)
+        p.taps.run(ids, mask, feeds, full=False, last=False)
         for f in feeds:
             f.finish(mask)
 

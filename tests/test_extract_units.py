@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from adl.cache.projection import FILE as PROJECTION_FILE
+from adl.cache.projection import Projection
 from adl.errors import AdlError
 from adl.extract import models, plan, pooling, projection, tokenize
 from adl.extract.config import ExtractConfig, layer_indices
@@ -146,8 +148,8 @@ def test_projection_apply_save_load_and_random_seed(tmp_path):
     x = torch.randn(4, 2, 8)  # (n, L, H)
     expected = torch.stack([torch.nn.functional.gelu(x[:, j]) @ p.matrix[j] for j in range(2)], 1)
     torch.testing.assert_close(p.apply(x), expected)
-    p.save(tmp_path / projection.FILE)
-    q = projection.Projection.load(tmp_path / projection.FILE)
+    p.save(tmp_path / PROJECTION_FILE)
+    q = Projection.load(tmp_path / PROJECTION_FILE)
     assert (q.method, q.dim, q.seed, q.layers) == ("random", 3, 5, [0, 2])
     assert torch.equal(q.matrix, p.matrix) and q.entry()["activation"] == "gelu"
     with pytest.raises(AdlError, match="wider than the model's hidden size 8"):

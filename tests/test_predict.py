@@ -45,7 +45,7 @@ def make_run(assets, tmp, name, data="csv", head=None, extract=None, label=None,
 
 def cache_logits(cache_dir, run, split="test"):
     """id -> logits of the head applied to the cache (the training path)."""
-    from adl.train.head_io import load_head
+    from adl.train.rundir import load_head
 
     head, info = load_head(run)
     cache = open_cache(cache_dir)
@@ -95,7 +95,7 @@ def test_live_logits_equal_the_cache_path_and_metrics_match(assets, tmp_path, na
     for i in ref:
         np.testing.assert_allclose(live[i], ref[i], **TOL)
     # the CLI path scores the same split with the trainer's score: the run's own test metrics
-    from adl.serve.predict import PredictConfig, run_predict
+    from adl.serve.predict_cmd import PredictConfig, run_predict
 
     res = run_predict(PredictConfig(runs=[str(run)], split="test", out=str(tmp_path / "p.jsonl")))
     reported = json.loads((run / "metrics.json").read_text())["test"]
@@ -129,7 +129,7 @@ def test_early_exit_skips_the_layers_no_head_needs(assets, tmp_path):
     _, run = make_run(assets, tmp_path, "bert", extract=dict(views="tokens", layers="0,1"))
     p = Predictor([run], device="cpu")
     calls = []
-    hook = p.stream.layers[1].register_forward_hook(lambda *a: calls.append(1))
+    hook = p.taps.layers[1].register_forward_hook(lambda *a: calls.append(1))
     try:
         texts = ["good movie", "john sat in paris"]
         short = p(texts)

@@ -206,7 +206,7 @@ def test_every_predictor_call_runs_on_the_thread_it_was_loaded_on():
     """One thread runs all torch work (a second OpenMP team made libgomp sleep between regions)."""
     from fastapi.testclient import TestClient
 
-    from adl.serve.batcher import worker
+    from adl.serve.batcher import model_thread
     from adl.serve.server import ServeConfig, create_app
 
     threads = []
@@ -224,7 +224,7 @@ def test_every_predictor_call_runs_on_the_thread_it_was_loaded_on():
             threads.append(threading.current_thread())
             return super().__call__(texts, *args, **kwargs)
 
-    pool = worker()
+    pool = model_thread()
     fake = pool.submit(Recording).result()
     with TestClient(create_app(fake, ServeConfig(runs=("x",)), pool=pool)) as client:
         assert client.post("/v1/predict", json={"texts": ["a", "b"]}).status_code == 200

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from adl.cache import open_cache
 from adl.cli import app
 from adl.train.data import load_data
-from adl.train.head_io import load_head
+from adl.train.rundir import load_head
 from adl.train.trainer import predict, score
 from synthetic import write_synthetic_cache
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from adl.cache.projection import Projection
 from adl.errors import AdlError
 from adl.extract.pooling import pool
-from adl.extract.projection import Projection
 from adl.extract.tokenize import TokenizedSplit, collate
 
 

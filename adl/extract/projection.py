@@ -1,7 +1,4 @@
-"""A fixed per-layer projection H -> D applied to token states before they are stored.
-
-The head (docs/method.md) computes f_i = N(a(Z_i) @ W_i^T) with a = GELU. A stored projection
-must therefore act on a(Z_i), not Z_i, so that W_i can be learned on top of it:
+"""Fitting the stored projection (``adl.cache.projection``: the map, its file and its use).
 
     stored_i = (gelu(Z_i) - mu_i) @ P_i          Z_i: (n, H), mu_i: (H,), P_i: (H, D)
 
@@ -10,76 +7,16 @@ must therefore act on a(Z_i), not Z_i, so that W_i can be learned on top of it:
   seeded sample of train tokens, taken from one small backbone pass before extraction.
 - ``random``: mu_i = 0 and P_i has N(0, 1/D) entries from a seeded generator
   (Johnson-Lindenstrauss: norms and inner products kept in expectation).
-
-gelu is the exact (erf) GELU, torch.nn.functional.gelu's default. The matrices are saved
-in the cache as ``projection.safetensors`` (mean (L, H), matrix (L, H, D), layers (L,))
-so inference can apply the same map; the manifest records ``activation: "gelu"``.
 """
 
 from __future__ import annotations
-
-import os
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adl.cache.projection import Projection
 from adl.errors import AdlError
-
-ACTIVATION = "gelu"
-FILE = "projection.safetensors"
-
-
-@dataclass(frozen=True, eq=False)
-class Projection:
-    method: str
-    dim: int
-    seed: int
-    layers: list[int]  # absolute hidden-state indices, one matrix each
-    mean: torch.Tensor  # (L, H) float32
-    matrix: torch.Tensor  # (L, H, D) float32
-    sample_tokens: int | None  # tokens the PCA saw (None for random)
-
-    def to(self, device) -> Projection:
-        return Projection(self.method, self.dim, self.seed, self.layers, self.mean.to(device),
-                          self.matrix.to(device), self.sample_tokens)
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x (n, L, H) token states of the stored layers -> (n, L, D) float32."""
-        return torch.einsum("nlh,lhd->nld", F.gelu(x.float()) - self.mean, self.matrix)
-
-    def apply_layer(self, x: torch.Tensor, j: int) -> torch.Tensor:
-        """x (..., H) states of stored layer j (position in ``layers``) -> (..., D) float32: the
-        same map as ``apply``, one layer at a time (inference feeds layers as they finish)."""
-        return (F.gelu(x.float()) - self.mean[j]) @ self.matrix[j]
-
-    def entry(self) -> dict:
-        return {"method": self.method, "dim": self.dim, "seed": self.seed, "activation": ACTIVATION,
-                "sample_tokens": self.sample_tokens, "file": FILE}
-
-    def save(self, path: Path) -> None:
-        """Atomic (temp file + rename): a kill never leaves half a projection."""
-        from safetensors.torch import save_file
-
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tensors = {"mean": self.mean.cpu().contiguous(), "matrix": self.matrix.cpu().contiguous(),
-                   "layers": torch.tensor(self.layers, dtype=torch.int64)}
-        meta = {"method": self.method, "dim": str(self.dim), "seed": str(self.seed), "activation": ACTIVATION,
-                "sample_tokens": str(self.sample_tokens or 0)}
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: Path) -> Projection:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-            t = {k: f.get_tensor(k) for k in f.keys()}
-        return cls(meta["method"], int(meta["dim"]), int(meta["seed"]), t["layers"].tolist(), t["mean"],
-                   t["matrix"], int(meta["sample_tokens"]) or None)
 
 
 def check_dim(dim: int, hidden: int) -> None:

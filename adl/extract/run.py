@@ -31,6 +31,8 @@ from rich.text import Text
 
 from adl.cache import BackgroundWriter, ShardWriter, finalize, read_manifest
 from adl.cache.durable import disk_full_error, is_disk_full
+from adl.cache.projection import FILE as PROJECTION_FILE
+from adl.cache.projection import Projection
 from adl.cache.summary import human
 from adl.errors import AdlError
 from adl.extract import models, plan, projection, tokenize
@@ -144,13 +146,13 @@ def _settle(cfg, root, task, info, splits, layers, max_length, console) -> dict:
         return plan.settle(root, decide)
 
 
-def _projection(cfg, root, backbone, splits, layers, pad) -> projection.Projection:
+def _projection(cfg, root, backbone, splits, layers, pad) -> Projection:
     """Load the cache's projection, or fit it (first shard to get the lock) and save it, so
     every shard and every resume applies exactly the same matrices."""
-    path = root / projection.FILE
+    path = root / PROJECTION_FILE
     with FileLock(str(root / ".projection.lock")):
         if path.is_file():
-            return projection.Projection.load(path)
+            return Projection.load(path)
         hidden = backbone.info.hidden_size
         if cfg.project_method == "random":
             proj = projection.random_projection(hidden, cfg.project, layers, cfg.seed)

@@ -1,6 +1,6 @@
 """run_finetune(cfg): cache manifest -> the same examples as raw text -> a peer -> a run folder.
 
-The run folder has ``adl train``'s files (adl.train.run's prepare_out / publish / write_history):
+The run folder has ``adl train``'s files (adl.train.rundir's prepare_out / publish / write_history):
 
     config.json           {"config": resolved FinetuneConfig, "cache_hash", "adl_version", "method", "source"}
     metrics.json          validation (selected epoch) and test metrics, plus the cost: trainable
@@ -34,7 +34,7 @@ from adl.peers.model import build
 from adl.peers.setfit import fit_setfit
 from adl.train.console import EpochTable
 from adl.train.metrics import selection_metric
-from adl.train.run import prepare_out, publish, write_history
+from adl.train.rundir import prepare_out, publish, write_history
 
 
 def default_out(cache: str, method: str) -> str:

@@ -2,7 +2,7 @@
 
 Requests wait in an asyncio queue. One loop takes the first waiting request, then keeps taking
 more until the batch holds ``max_batch_size`` texts or ``max_wait`` seconds have passed, and
-runs the whole batch as one ``predictor(texts, heads=..., return_embedding=...)`` call in a single worker
+runs the whole batch as one ``predictor(texts, heads=..., return_embedding=...)`` call in a single model
 thread (so the event loop keeps accepting requests and Predictor calls never overlap). While a
 batch runs, new requests pile up in the queue and form the next one, so the batch size follows
 the load by itself.
@@ -44,9 +44,9 @@ from typing import Any, Callable
 QUIET = 0.002  # seconds without a new request that close a batch before max_wait
 
 
-def worker() -> ThreadPoolExecutor:
+def model_thread() -> ThreadPoolExecutor:
     """The one thread that runs every torch operation of a server: load the Predictor on it
-    (``worker().submit(Predictor, runs).result()``) and hand it to the Batcher.
+    (``model_thread().submit(Predictor, runs).result()``) and hand it to the Batcher.
 
     Why one thread: with OpenMP (torch's CPU threads), each thread that runs a parallel region
     gets a team of threads of its own, and once a process holds more OpenMP threads than cores,
@@ -75,7 +75,7 @@ class Answer:
 
 
 class Batcher:
-    """Owns the queue, the batching loop and the one worker thread.
+    """Owns the queue, the batching loop and the one model thread.
 
     ``predictor`` is an adl.serve.Predictor (or anything with its ``.names`` and call, returning
     ``.heads[name][i]`` and ``.embeddings[i]``); ``on_batch(texts, requests, seconds, failed)`` is
@@ -90,20 +90,20 @@ class Batcher:
         self.on_batch = on_batch or (lambda *_: None)
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._carry: collections.deque[Job] = collections.deque()  # taken from the queue, runs next
-        self._pool = pool or worker()
+        self._pool = pool or model_thread()
         self._task: asyncio.Task | None = None
         self._idle = asyncio.Event()  # set while no batch runs: every answered request's batch is counted
         self._last_requests = 1
 
     def call(self, fn, *args):
-        """Run ``fn(*args)`` on the worker thread and wait for it (start-up work that touches torch)."""
+        """Run ``fn(*args)`` on the model thread and wait for it (start-up work that touches torch)."""
         return self._pool.submit(fn, *args).result()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="adl-batcher")
 
     async def stop(self) -> None:
-        """Cancel the loop (call once no request is in flight) and join the worker thread. A request
+        """Cancel the loop (call once no request is in flight) and join the model thread. A request
         is answered before its Predictor call returns, so first let the last call finish."""
         if self._task is not None:
             if not self._task.done():
@@ -164,7 +164,7 @@ class Batcher:
         owner = [j for j, span in enumerate(spans) for _ in span]  # text position -> its job
         left = [len(span) for span in spans]
 
-        def on_rows(rows, out) -> None:  # on the worker thread, after each backbone batch
+        def on_rows(rows, out) -> None:  # on the model thread, after each backbone batch
             for r in rows:
                 j = owner[r]
                 left[j] -= 1

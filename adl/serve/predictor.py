@@ -8,7 +8,7 @@
 Inputs are tokenised, length-bucketed and padded exactly as at extraction
 (``adl.extract.tokenize``: truncation at the cache's max_length, rows sorted by decreasing
 length, batches capped by a padded-token budget), and each head sees its layers stored the
-way the cache stored them (``adl.serve.stream``). With the extraction's batch size and token
+way the cache stored them (``adl.serve.taps``). With the extraction's batch size and token
 budget (the defaults), a run's own split is batched exactly as it was extracted.
 """
 
@@ -29,8 +29,8 @@ from adl.extract.loop import to_device
 from adl.extract.pooling import mean_pool
 from adl.extract.tokenize import TokenizedSplit, collate, make_batches, tokenize_split
 from adl.serve.decode import entities, joined_spans, sequence_prediction, token_spans
-from adl.serve.runs import Run, check_same_backbone, load_run
-from adl.serve.stream import HeadFeed, Stream
+from adl.train.rundir import Run, check_same_backbone, load_run
+from adl.serve.taps import HeadFeed, LayerTaps
 
 
 @dataclass
@@ -84,7 +84,7 @@ class Predictor:
                            "(its config hash differs): install or point to the same model")
         self.plan = models.select_device(device)
         self.backbone = models.Backbone(info, self.plan, trust)
-        self.stream = Stream(self.backbone)
+        self.taps = LayerTaps(self.backbone)
         self.feeds = {run.name: HeadFeed(run, self.plan.device) for run in self.runs}
         self.max_length = int(m["tokenizer"]["max_length"])
         self.batch_size = int(batch_size or m.get("batch_size") or 32)
@@ -160,7 +160,7 @@ class Predictor:
             for rows in make_batches(ts.lengths, self.batch_size, self.batch_tokens):
                 ids, mask = collate(ts, rows, pad)
                 ids_t, mask_t = to_device(ids, self.plan), to_device(mask, self.plan)
-                output, last = self.stream.run(ids_t, mask_t, feeds, full=return_backbone, last=return_embedding)
+                output, last = self.taps.run(ids_t, mask_t, feeds, full=return_backbone, last=return_embedding)
                 lengths = mask.sum(1)
                 for f in feeds:
                     out = f.finish(mask_t).float().cpu().numpy()

@@ -48,7 +48,7 @@ from adl import __version__
 from adl.devices import HELP as DEVICE_HELP
 from adl.devices import check_device
 from adl.errors import AdlError
-from adl.serve.batcher import Batcher, worker
+from adl.serve.batcher import Batcher, model_thread
 from adl.serve import Predictor
 
 TOKEN_ENV = "ADL_SERVE_TOKEN"
@@ -226,7 +226,7 @@ class Counted:
 
 def create_app(predictor, cfg: ServeConfig, token: str | None = None, pool: ThreadPoolExecutor | None = None) -> FastAPI:
     """The ASGI app around a loaded Predictor (anything with .names, .heads_info() and __call__);
-    ``pool``: the worker thread it was loaded on (adl.serve.batcher.worker), which runs every call."""
+    ``pool``: the model thread it was loaded on (adl.serve.batcher.model_thread), which runs every call."""
     metrics = Metrics()
     names = list(predictor.names)
 
@@ -355,7 +355,7 @@ def for_serving(predictor: Predictor) -> Predictor:
 
 def run_serve(cfg: ServeConfig) -> None:
     """Load the heads of ``cfg.runs`` and their backbone, then serve until SIGTERM."""
-    pool = worker()  # the model is loaded on the thread that will run it (see worker's docstring)
+    pool = model_thread()  # the model is loaded on the thread that will run it (see its docstring)
     predictor = for_serving(pool.submit(Predictor, list(cfg.runs), cfg.device).result())
     token = os.environ.get(TOKEN_ENV) or None
     serve_app(create_app(predictor, cfg, token, pool), cfg)

@@ -45,7 +45,7 @@ from adl.train.heads import masked_mean
 from adl.train.metrics import hidden_state_variability, selection_metric
 from adl.train.plots import plot_baselines
 from adl.train.probe import fit_head
-from adl.train.run import prepare_out, publish
+from adl.train.rundir import prepare_out, publish
 
 HSV_ROWS = 4096  # rows (examples or words) for the hsv score: memory HSV_ROWS * L * D * 4 bytes
 

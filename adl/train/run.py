@@ -1,32 +1,16 @@
 """run_train(cfg): cache -> resolved config -> head -> fit -> a run folder.
 
-A run folder (``--out``, default ``runs/<cache>-<head>-<YYYYmmdd-HHMMSS>``) holds:
-
-    config.json                {"config": resolved TrainConfig, "cache_hash", "adl_version", "view"}
-    metrics.json               validation (best epoch) and test metrics, per class / per type,
-                               the number of training examples used, and the candidate heads'
-                               validation scores when adl chose the head (``candidates``)
-    history.csv                per epoch: loss, val_<metric>..., lr, seconds, w_<layer>...
-    head.safetensors           the head's tensors (no pickles)
-    head.json                  spec + label names + layers + task + view: rebuilds the head
-                               without the cache (``head_io.load_head``)
-    cache_manifest.json        the cache's manifest: the backbone (id, revision, config hash,
-                               states), tokenizer, max_length, data set and carving
-    projection.safetensors     the cache's stored projection, when it has one
-    layer_weights.png          layer weights over epochs
-    layer_weights_final.png    final weight per layer
-
-A run is written aside, in ``<out>.partial/``, and swapped in whole when it finishes: an
-existing run is replaced entirely or not at all. The partial folder gets the head on every
-validation improvement and history.csv after every epoch, so a run that diverges or is
-interrupted keeps its last good head and its history there. adl replaces or deletes only
-folders holding nothing but the files above.
+The run folder (``--out``, default ``runs/<cache>-<head>-<YYYYmmdd-HHMMSS>``) and its files are
+``adl.train.rundir``'s. metrics.json holds validation (best epoch) and test metrics, per class /
+per type, the number of training examples used, and the candidate heads' validation scores when
+adl chose the head (``candidates``). The partial folder gets the head on every validation
+improvement and history.csv after every epoch, so a run that diverges or is interrupted keeps
+its last good head and its history there.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import time
 from pathlib import Path
@@ -35,64 +19,17 @@ import torch
 from rich.console import Console
 
 from adl import __version__
-from adl.cache import open_cache, write_csv, write_json
-from adl.cache.durable import refuse_unsafe_out
+from adl.cache import open_cache, write_json
 from adl.errors import AdlError
 from adl.train.config import TrainConfig, pooled_view, resolve, view_for
 from adl.train.console import EpochTable, summary_line
 from adl.train.data import TrainData, load_data
-from adl.train.head_io import make_head, save_head
+from adl.train.head_io import make_head
 from adl.train.metrics import selection_metric
 from adl.train.plots import plot_final_weights, plot_weight_history
 from adl.train.probe import fit_head
+from adl.train.rundir import prepare_out, publish, save_head, write_history
 from adl.train.trainer import FitResult, TrainingDiverged
-
-RUN_FILES = frozenset({"config.json", "metrics.json", "history.csv", "head.safetensors", "head.json",
-                       "cache_manifest.json", "projection.safetensors", "layer_weights.png",
-                       "layer_weights_final.png", "baselines.csv", "baselines.png"})
-
-
-def _adl_written(path: Path) -> bool:
-    """True for a folder whose every entry is a file adl writes into run folders (or its temp files)."""
-    return all(p.name in RUN_FILES or (p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file())
-               for p in path.iterdir())
-
-
-def prepare_out(out: str, overwrite: bool) -> Path:
-    """The partial folder a new run is written into (``<out>.partial``, fresh); refuse an ``out``
-    that exists unless ``overwrite``, and any folder that holds files adl did not write."""
-    path = Path(out)
-    refuse_unsafe_out(path, "runs/NAME")
-    if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise AdlError(f"run folder {path} already exists; pass --overwrite to replace it or choose another --out")
-        if not _adl_written(path):
-            raise AdlError(f"--out {path} holds files adl did not write; adl replaces only its own run folders: "
-                           "choose another --out")
-    partial = path.with_name(path.name + ".partial")
-    if partial.is_symlink() or (partial.exists() and not (partial.is_dir() and _adl_written(partial))):
-        raise AdlError(f"{partial} exists and is not an unfinished adl run; move it away or choose another --out")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    return partial
-
-
-def publish(partial: Path, out: Path) -> None:
-    """Swap the finished run in: the old run (adl-written, checked by prepare_out) goes whole."""
-    old = out.with_name(out.name + ".replaced")
-    if out.is_dir():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-    os.replace(partial, out)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def write_history(path: Path, history: list[dict]) -> None:
-    if history:
-        write_csv(path, history)
 
 
 def metrics_doc(result: FitResult, layers: list[int], head: str, view: str, train_examples: int) -> dict:

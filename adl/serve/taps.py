@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adl.extract.pooling import pool
-from adl.serve.runs import Run
+from adl.train.rundir import Run
 from adl.train.heads import AdaLayersHead, PooledHead, layer_features
 
 
@@ -109,7 +109,7 @@ def find_layers(stack: nn.Module, n_layers: int) -> nn.ModuleList:
     raise RuntimeError(f"{type(stack).__name__} has no list of {n_layers} layers to attach heads to")
 
 
-class Stream:
+class LayerTaps:
     """The backbone with heads attached: ``run(ids, mask, feeds, ...)`` is one forward pass."""
 
     def __init__(self, backbone):
