@@ -17,23 +17,13 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from adl.cache import open_cache, verify_cache
-from adl.cache.summary import summary
 from adl.devices import HELP as DEVICE_HELP
 from adl.errors import AdlError
-from adl.extract.config import ExtractConfig
-from adl.extract.run import run_extract
-from adl.peers.compare import CompareConfig, run_compare
-from adl.peers.config import FinetuneConfig
-from adl.peers.run import run_finetune
-from adl.serve.predict_cmd import PredictConfig, run_predict
-from adl.serve.server import ServeConfig, run_serve
+# Only the light config modules load here (the sweep flags are generated from their fields); each
+# command imports its own machinery (torch, FastAPI, Optuna, matplotlib, PEFT) when it runs, so
+# `adl --help` and `adl info` start without them.
 from adl.sweep.config import NOT_SWEPT, SWEEPABLE, SweepConfig, field_type, parse_space
-from adl.sweep.report import report_sweep
-from adl.sweep.worker import run_sweep
-from adl.train.baselines import run_baselines
 from adl.train.config import TrainConfig
-from adl.train.run import run_train
 
 app = typer.Typer(
     help="Side tasks on a frozen transformer: cache hidden states once, train layer-mixing heads from the cache.",
@@ -106,6 +96,9 @@ def extract(
 ) -> None:
     """Run a frozen transformer once over a dataset and cache its per-layer hidden states."""
     given = {k: v for k, v in locals().items() if v is not None and v is not False}
+    from adl.extract.config import ExtractConfig
+    from adl.extract.run import run_extract
+
     run_extract(ExtractConfig(**given))
 
 
@@ -117,6 +110,9 @@ def info(
     check: Annotated[bool, _O("--check", help="recompute every checksum and name what is damaged (exit 2)")] = False,
 ) -> None:
     """Summarise a cache: model, task, splits, views, shapes and bytes on disk; --check verifies it."""
+    from adl.cache import open_cache, verify_cache
+    from adl.cache.summary import summary
+
     if check:
         problems = verify_cache(path)
         if problems:
@@ -188,7 +184,10 @@ def train(cache: CacheOpt, head: HeadOpt = None, preset: PresetOpt = None, alpha
           memory_gb: MemoryOpt = None, device: DeviceOpt = None, out: OutOpt = None,
           overwrite: OverwriteOpt = None) -> None:
     """Train a layer-mixing head from a cache; writes config, metrics, history, head and plots."""
-    run_train(_train_config(dict(locals())))
+    cfg = _train_config(dict(locals()))
+    from adl.train.run import run_train
+
+    run_train(cfg)
 
 
 @app.command()
@@ -203,7 +202,10 @@ def baselines(cache: CacheOpt, preset: PresetOpt = None, alpha: AlphaOpt = None,
               train_limit: TrainLimitOpt = None, pool: PoolOpt = None, memory_gb: MemoryOpt = None,
               device: DeviceOpt = None, out: OutOpt = None, overwrite: OverwriteOpt = None) -> None:
     """Every single layer, last-layer probe, scalar mix, head2toe, hsv and adalayers, same budget."""
-    run_baselines(_train_config(dict(locals())))
+    cfg = _train_config(dict(locals()))
+    from adl.train.baselines import run_baselines
+
+    run_baselines(cfg)
 
 
 # ---- sweeps --------------------------------------------------------------------------
@@ -252,6 +254,8 @@ def _sweep(**opts) -> None:
     """
     opts["storage"] = opts["storage"] or os.environ.get("ADL_STORAGE") or None
     if opts["report"] is not None:
+        from adl.sweep.report import report_sweep
+
         report_sweep(opts["report"], storage=opts["storage"])
         return
     if opts["cache"] is None:
@@ -263,6 +267,8 @@ def _sweep(**opts) -> None:
     cfg = SweepConfig(base=TrainConfig(**machine), space=space, **sweep)
     if "train_limit" in cfg.dims:  # the workers load each view once, so every point gets the same sample
         raise AdlError("--train-limit takes one value in a sweep; run one sweep per training size")
+    from adl.sweep.worker import run_sweep
+
     run_sweep(cfg)
 
 
@@ -292,6 +298,8 @@ def predict(
                                    label_column=label_column, split=split,
                                    dataset=dataset, out=out, batch_size=batch_size, device=device).items()
              if v is not None}
+    from adl.serve.predict_cmd import PredictConfig, run_predict
+
     run_predict(PredictConfig(**given))
 
 
@@ -320,6 +328,8 @@ def serve(
     Set $ADL_SERVE_TOKEN to require 'Authorization: Bearer <token>'. SIGTERM drains and exits 0.
     """
     given = {k: v for k, v in locals().items() if v is not None and k != "run"}
+    from adl.serve.server import ServeConfig, run_serve
+
     run_serve(ServeConfig(runs=tuple(run), **given))
 
 
@@ -359,6 +369,9 @@ def finetune(
 ) -> None:
     """Train a peer (full fine-tuning, BitFit, LoRA, prompt tuning, P-tuning + bias, SetFit) on a cache's examples."""
     given = {k: v for k, v in locals().items() if v is not None and v is not False}
+    from adl.peers.config import FinetuneConfig
+    from adl.peers.run import run_finetune
+
     run_finetune(FinetuneConfig(**given))
 
 
@@ -369,6 +382,8 @@ def compare(
     out: Annotated[Optional[str], _O("--out", help="folder for compare.md/.csv and the plots (default compare)")] = None,
 ) -> None:
     """Compare adl runs, adl sweeps and peer runs on one data set: table, quality vs parameters and vs time."""
+    from adl.peers.compare import CompareConfig, run_compare
+
     run_compare(CompareConfig(paths=tuple(paths), **({"out": out} if out else {})))
 
 

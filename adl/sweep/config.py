@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adl.errors import AdlError
-from adl.sweep.group import GROUP_SCALARS
 from adl.train.config import TrainConfig, flag
 
 # Not hyperparameters: where things are and how the machine runs them.
 NOT_SWEPT = ("cache", "out", "device", "overwrite", "memory_gb")
+# what may differ between the configurations of one group (adl.sweep.group): per-configuration scalars
+GROUP_SCALARS = ("alpha", "cutoff", "lam", "lasso", "lr", "weight_decay", "patience", "lr_patience", "max_epochs")
 SWEEPABLE = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_SWEPT)
 SEARCHES = ("grid", "tpe")
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from adl.sweep.config import GROUP_SCALARS
 from adl.train.data import SplitData, TrainData
 from adl.train.heads import layer_features
 from adl.train.trainer import (
@@ -61,7 +62,6 @@ from adl.train.trainer import (
 )
 
 # Per-configuration scalars of a group; every other TrainConfig field splits groups.
-GROUP_SCALARS = ("alpha", "cutoff", "lam", "lasso", "lr", "weight_decay", "patience", "lr_patience", "max_epochs")
 NOT_SHAPE = GROUP_SCALARS + ("out", "overwrite")
 
 
