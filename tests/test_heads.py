@@ -298,3 +298,39 @@ def test_activation_off_expects_states_stored_after_gelu():
     torch.testing.assert_close(stored(torch.nn.functional.gelu(z)), plain(z))
     assert not torch.allclose(stored(z), plain(z))
     assert head_from_spec(stored.spec).mix.activation is False  # the spec alone rebuilds it
+
+
+@pytest.mark.parametrize("kw", [dict(cutoff=0.1), dict(norm_affine=True), dict(activation=False), dict(fixed_layer=2)])
+def test_layer_by_layer_sums_to_the_mix(kw):
+    """The per-layer method (what inference feeds as each layer finishes) is the mix itself:
+    sum_i w_i f_i over the layers equals forward, with GELU, projection, norm and weight."""
+    m = _mix(alpha=3.0, **kw)
+    with torch.no_grad():
+        if m.p.requires_grad:
+            m.p.copy_(torch.tensor([0.3, -0.4, 0.1, 0.5], dtype=torch.float64))
+        if m.gamma is not None:
+            m.gamma.copy_(torch.rand_like(m.gamma) + 0.5)
+            m.beta.copy_(torch.randn_like(m.beta))
+    z = torch.randn(2, 3, L, D, dtype=torch.float64)
+    parts = [m.layer(z[..., i, :], i) for i in range(L)]
+    torch.testing.assert_close(sum(parts), m(z))
+    w = m.weights()
+    activated = [m.layer(m.activate(z[..., i, :]), i, weight=w[i], activated=True) for i in range(L)]
+    torch.testing.assert_close(sum(activated), m(z))
+
+
+def test_penalties_name_the_objective_terms():
+    from adl.train.trainer import coefficients, objective
+
+    mixing, probe = build_head("adalayers", n_layers=L, n_classes=2, in_dim=D, task="sequence", k=4, heads=2), \
+        build_head("concat-probe", n_layers=L, n_classes=2, in_dim=D, task="sequence")
+    h2t = build_head("head2toe", n_layers=L, n_classes=2, in_dim=D, task="sequence")
+    assert mixing.penalties().keys() == {"lam"} and torch.equal(mixing.penalties()["lam"], mixing.entropy())
+    assert h2t.penalties().keys() == {"lasso"} and torch.equal(h2t.penalties()["lasso"], h2t.group_lasso())
+    assert probe.penalties() == {}
+    logits, y = torch.randn(5, 2), torch.tensor([0, 1, 1, -100, 0])
+    ce = torch.nn.functional.cross_entropy(logits, y, ignore_index=-100)
+    cfg = type("Cfg", (), {"lam": 0.5, "lasso": None})()
+    torch.testing.assert_close(objective(logits, y, mixing.penalties(), coefficients(cfg)),
+                               ce + 0.5 * mixing.entropy())
+    torch.testing.assert_close(objective(logits, y, h2t.penalties(), coefficients(cfg)), ce)  # lasso None: off

@@ -17,7 +17,7 @@ from adl.train.config import TrainConfig, resolve
 from adl.train.data import load_data
 from adl.train.head_io import make_head
 from adl.train.run import run_train
-from adl.train.trainer import amp_dtype, fit, objective, param_groups
+from adl.train.trainer import amp_dtype, coefficients, fit, objective, param_groups
 from synthetic import write_synthetic_cache
 
 SIGNAL = 2
@@ -71,7 +71,7 @@ def test_pooled_head_also_finds_the_layer(seq_cache, tmp_path):
 def test_single_layer_trains_its_projection(seq_cache):
     cfg, data, head = _setup(seq_cache, head="single-layer", layer=1)
     b = next(data.train.batches(16, epoch=1))
-    objective(head, head(b.z, b.mask), b.y, cfg).backward()
+    objective(head(b.z, b.mask), b.y, head.penalties(), coefficients(cfg)).backward()
     g = head.mix.W.grad
     assert g.shape[0] == 1  # only W_1 exists, so the parameter count is the head's real size
     assert g.abs().sum() > 0  # W_1 gets gradient (the reference code ran this under no_grad)
@@ -93,9 +93,9 @@ def test_same_seed_same_numbers(seq_cache):
 def test_nan_loss_stops_and_keeps_the_last_good_head(seq_cache, tmp_path, monkeypatch):
     calls = {"n": 0}
 
-    def poisoned(head, logits, y, cfg):
+    def poisoned(logits, y, penalties, coefs):
         calls["n"] += 1
-        loss = objective(head, logits, y, cfg)
+        loss = objective(logits, y, penalties, coefs)
         return loss * float("nan") if calls["n"] > 6 else loss  # epoch 1 has 6 batches of 32
 
     monkeypatch.setattr(trainer, "objective", poisoned)

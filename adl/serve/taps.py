@@ -23,12 +23,11 @@ pre-hook of the highest layer any head needs raises ``_Stop`` once it has fed th
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adl.extract.pooling import pool
 from adl.train.rundir import Run
-from adl.train.heads import AdaLayersHead, PooledHead, layer_features
+from adl.train.heads import AdaLayersHead, PooledHead
 
 
 class _Stop(Exception):
@@ -77,17 +76,11 @@ class HeadFeed:
         if self.mix is None:
             self.kept[i] = z
             return
-        if self.mix.activation:  # GELU once per stored tensor, not once per head
-            key += ("gelu",)
-            if key not in memo:
-                memo[key] = F.gelu(z)
-            z = memo[key]
-        row = 0 if self.mix.fixed_layer is not None else i  # a fixed-layer mix holds one projection
-        gamma = None if self.mix.gamma is None else self.mix.gamma[None, row : row + 1]
-        beta = None if self.mix.beta is None else self.mix.beta[None, row : row + 1]
-        f = layer_features(z.unsqueeze(-2), self.mix.W[row : row + 1], self.mix.k, activation=False,
-                           gamma=gamma, beta=beta)[0].squeeze(-2)  # (B, [T,] k)
-        self.acc = w * f if self.acc is None else self.acc + w * f
+        key += ("activated", self.mix.activation)  # GELU once per stored tensor, not once per head
+        if key not in memo:
+            memo[key] = self.mix.activate(z)
+        f = self.mix.layer(memo[key], i, weight=w, activated=True)  # w_i f_i (B, [T,] k)
+        self.acc = f if self.acc is None else self.acc + f
 
     def finish(self, mask: Tensor) -> Tensor:
         """-> logits (B, C) or (B, T, C)."""

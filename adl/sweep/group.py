@@ -18,7 +18,7 @@ with a decay / no-decay group pair per set. Each step evaluates the loss of all 
 share no parameters, so each one gets its own gradient). The heads get their weights back
 whenever the loop reads them (snapshots, layer weights, the end). Every batch of the cached data
 is read once for all G. The mix's per-layer projection of all G is computed outside the vmap as
-one GEMM per layer over G*k outputs (``heads.layer_features``, the same function a lone head
+one GEMM per layer over G*k outputs (``LayerMix.project``, the same function a lone head
 uses; W is kept as (L, D, G, k), so the GEMM reads it and its gradient arrives without a
 transpose); vmapping it would copy the shared input G times. Heads are built exactly as ``adl train`` builds them
 (``torch.manual_seed(seed)`` then ``make_head``), so with the same seed the initial weights
@@ -43,13 +43,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from adl.sweep.config import GROUP_SCALARS
 from adl.train.data import SplitData, TrainData
-from adl.train.heads import layer_features
 from adl.train.trainer import (
     FitResult,
     TrainingDiverged,
@@ -57,6 +55,7 @@ from adl.train.trainer import (
     amp_dtype,
     fit_all,
     labelled_examples,
+    objective,
     param_groups,
     snapshot,
 )
@@ -71,7 +70,7 @@ def group_key(cfg) -> tuple:
 
 
 class _Terms(nn.Module):
-    """One ``functional_call`` of a head that returns what a step needs: logits, entropy, lasso."""
+    """One ``functional_call`` of a head that returns what a step needs: logits and penalties."""
 
     def __init__(self, head: nn.Module):
         super().__init__()
@@ -83,10 +82,7 @@ class _Terms(nn.Module):
         logits = self.head(z, mask, feats) if feats is not None else self.head(z, mask)
         if what == "logits":
             return logits
-        zero = logits.new_zeros(())
-        ent = self.head.entropy() if hasattr(self.head, "mix") else zero  # as trainer.objective
-        lasso = self.head.group_lasso() if hasattr(self.head, "group_lasso") else zero
-        return logits, ent, lasso
+        return logits, self.head.penalties()
 
 
 def _prefixed(d: dict) -> dict:
@@ -204,7 +200,7 @@ class Group:
         W, gamma, beta = (params.get(n, [None] * len(self.parts)) for n in PROJ)
 
         def features(w, g, b):
-            return layer_features(z, w, mix.k, activation=mix.activation, gamma=g, beta=b)
+            return mix.project(z, w, g, b)
 
         if len(W) == 1:
             return features(W[0], gamma[0], beta[0])
@@ -233,9 +229,8 @@ class Group:
         for h in self.heads:
             h.train()
         def loss(p, f, lam, lasso, feat, z, mask, y):
-            logits, ent, gl = self._call(p, f, feat, z, mask, "terms")
-            ce = F.cross_entropy(logits.float().flatten(0, -2), y.reshape(-1), ignore_index=-100)
-            return ce + lam * ent + lasso * gl  # trainer.objective
+            logits, penalties = self._call(p, f, feat, z, mask, "terms")
+            return objective(logits, y, penalties, {"lam": lam, "lasso": lasso})
 
         total, steps, has_labels = torch.zeros(len(self.rows), device=split.device), 0, labelled_examples(split)
         for b in split.batches(batch_size, epoch):

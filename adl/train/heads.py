@@ -7,7 +7,8 @@ Inputs come from the cache, batched by the trainer:
 
 Every head takes ``forward(z, mask)`` and returns (B, n_classes) for sequence tasks or
 (B, T, n_classes) for token tasks. Every head exposes ``weights()`` -> (L,) (the layer weights it
-uses, so the trainer logs them uniformly) and ``entropy()`` -> scalar (0 where there is no mix).
+uses, so the trainer logs them uniformly), ``entropy()`` -> scalar (0 where there is no mix) and
+``penalties()`` -> {coefficient name: scalar}, the regularisers its training objective adds.
 Sequence heads other than ``AdaLayersHead`` mean-pool a tokens view over real tokens first.
 
 A head is rebuilt from ``head.spec`` (JSON-ready: name + constructor kwargs) by ``head_from_spec``.
@@ -162,12 +163,36 @@ class LayerMix(nn.Module):
         """Indices of layers with nonzero weight (host sync: for reporting and inference plans)."""
         return torch.nonzero(self.weights() > 0).flatten().tolist()
 
+    def activate(self, z: Tensor) -> Tensor:
+        """a(Z_i): GELU, or nothing when the cache stored its tokens after GELU."""
+        return F.gelu(z) if self.activation else z
+
+    def project(self, z: Tensor, W: Tensor, gamma: Tensor | None = None, beta: Tensor | None = None) -> Tensor:
+        """f_i = N(a(Z_i) W_i^T) with G projections side by side: z (..., L', D), W (L', G*k, D),
+        gamma/beta None or (G, L', k) -> (G, ..., L', k). ``features`` passes this mix's own
+        parameters (G = 1); a vectorised sweep passes its G configurations' (adl.sweep.group)."""
+        return layer_features(z, W, self.k, activation=self.activation, gamma=gamma, beta=beta)
+
     def features(self, z: Tensor) -> Tensor:
         """(..., L, D) -> per-layer features f (..., L', k); L' = 1 for a fixed layer."""
         if self.fixed_layer is not None:  # W holds only the chosen layer's projection
             z = z[..., self.fixed_layer : self.fixed_layer + 1, :]
         gamma, beta = (None, None) if self.gamma is None else (self.gamma[None], self.beta[None])
-        return layer_features(z, self.W, self.k, activation=self.activation, gamma=gamma, beta=beta)[0]
+        return self.project(z, self.W, gamma, beta)[0]
+
+    def layer(self, z: Tensor, i: int, *, weight: float | Tensor | None = None, activated: bool = False) -> Tensor:
+        """w_i f_i = w_i N(a(Z_i) W_i^T) for layer i alone: z (..., D) -> (..., k). Summed over the
+        layers this is ``forward`` (F = sum_i w_i f_i), so inference can feed layers as they finish.
+
+        ``weight``: w_i as the caller computed it (default ``weights()[i]``); ``activated``: z is
+        ``activate(Z_i)`` already (inference activates each stored tensor once for every head)."""
+        row = 0 if self.fixed_layer is not None else i  # a fixed-layer mix holds one projection
+        gamma = None if self.gamma is None else self.gamma[None, row : row + 1]
+        beta = None if self.beta is None else self.beta[None, row : row + 1]
+        h = z if activated else self.activate(z)
+        f = layer_features(h.unsqueeze(-2), self.W[row : row + 1], self.k, activation=False, gamma=gamma,
+                           beta=beta)[0].squeeze(-2)
+        return (self.weights()[i] if weight is None else weight) * f
 
     def forward(self, z: Tensor, feats: Tensor | None = None) -> Tensor:
         """(..., L, D) -> (..., k). ``feats``: this mix's ``features(z)`` computed by the caller
@@ -202,6 +227,11 @@ class _MixHead(nn.Module):
 
     def entropy(self) -> Tensor:
         return self.mix.entropy()
+
+    def penalties(self) -> dict[str, Tensor]:
+        """The objective's regularisers, by the name of their coefficient (``trainer.objective``):
+        lam * entropy of the mix's pre-cutoff softmax."""
+        return {"lam": self.mix.entropy()}
 
     def active_layers(self) -> list[int]:
         return self.mix.active_layers()
@@ -327,6 +357,9 @@ class ScalarMix(nn.Module):
         log_w = torch.log_softmax(self.s, dim=0)
         return -(log_w.exp() * log_w).sum()
 
+    def penalties(self) -> dict[str, Tensor]:
+        return {}  # the ELMo mix is not pushed towards one layer
+
     def forward(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
         z = task_input(z, mask, self.task)
         mixed = self.gamma * torch.einsum("...ld,l->...d", z, self.weights())
@@ -359,6 +392,9 @@ class LinearProbe(nn.Module):
 
     def entropy(self) -> Tensor:
         return self.layer_weights.new_zeros(())
+
+    def penalties(self) -> dict[str, Tensor]:
+        return {}
 
     def inputs(self, x: Tensor) -> Tensor:
         """(..., L, D) task inputs -> the probe's features: (..., D) or (..., L*D)."""
@@ -406,6 +442,10 @@ class Head2Toe(nn.Module):
 
     def entropy(self) -> Tensor:
         return self.out.weight.new_zeros(())
+
+    def penalties(self) -> dict[str, Tensor]:
+        """lasso * the group lasso over layers (``trainer.objective``)."""
+        return {"lasso": self.group_lasso()}
 
     def select_layers(self, fraction: float) -> list[int]:
         """The top ceil(fraction * L') layers by group norm, sorted (host sync)."""

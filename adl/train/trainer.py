@@ -95,13 +95,20 @@ def param_groups(named, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def objective(head: nn.Module, logits: Tensor, y: Tensor, cfg) -> Tensor:
-    """CE over non-ignored targets + lam * entropy (mixing heads) + lasso * group lasso (head2toe)."""
+def coefficients(cfg) -> dict[str, float]:
+    """The penalties' coefficients of a resolved config, by the names ``head.penalties()`` uses."""
+    return {"lam": float(cfg.lam or 0.0), "lasso": float(cfg.lasso or 0.0)}
+
+
+def objective(logits: Tensor, y: Tensor, penalties: dict[str, Tensor], coefs: dict) -> Tensor:
+    """CE over non-ignored targets + sum of coefs[name] * penalty: lam * entropy (mixing heads),
+    lasso * group lasso (head2toe). ``penalties`` is ``head.penalties()``; a coefficient is a
+    number, or a (G,)-row tensor under a vectorised sweep's vmap (adl.sweep.group)."""
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
-    if cfg.lam and hasattr(head, "mix"):
-        loss = loss + cfg.lam * head.entropy()
-    if cfg.lasso and hasattr(head, "group_lasso"):
-        loss = loss + cfg.lasso * head.group_lasso()
+    for name, term in penalties.items():
+        c = coefs[name]
+        if isinstance(c, Tensor) or c:  # a zero number adds nothing: skip it
+            loss = loss + c * term
     return loss
 
 
@@ -167,6 +174,7 @@ class Solo:
         self.head, self.cfg = head.to(device), cfg
         self.amp = amp_dtype(device.type, device.type == "cuda" and torch.cuda.is_bf16_supported())
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        self.coefs = coefficients(cfg)
         self.opt = torch.optim.AdamW(param_groups(head.named_parameters(), cfg.weight_decay), lr=cfg.lr)
 
     def set_lr(self, lrs: list[float]) -> None:
@@ -182,7 +190,7 @@ class Solo:
                 continue  # CE over no position is NaN: not a divergence, nothing to learn
             with _autocast(split.device, self.amp):
                 logits = self.head(b.z, b.mask)
-            loss = objective(self.head, logits, b.y, self.cfg)
+            loss = objective(logits, b.y, self.head.penalties(), self.coefs)
             self.opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.opt)
