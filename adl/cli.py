@@ -289,7 +289,7 @@ def predict(
     label_column: Annotated[Optional[str], _O("--label-column", help="labels of --file, scored per head (default: a 'label' column)")] = None,
     split: Annotated[Optional[str], _O("--split", help="a split of the run's data set (or of --dataset)")] = None,
     dataset: Annotated[Optional[str], _O("--dataset", help="data set spec for --split (default: the run's)")] = None,
-    out: Annotated[Optional[str], _O("--out", help="predictions JSONL (default predictions.jsonl)")] = None,
+    out: Annotated[Optional[str], _O("--out", help="write the predictions as JSONL to this file; - for stdout (default: a table of few inputs, no file)")] = None,
     batch_size: Annotated[Optional[int], _O("--batch-size", help="examples per forward pass (default: the extraction's)")] = None,
     device: Annotated[Optional[str], _O("--device", help=DEVICE_HELP)] = None,
 ) -> None:

@@ -98,3 +98,37 @@ def test_bad_input_is_one_line_exit_2(runs, tmp_path, make, args, message):
     res = invoke("--run", run, *[a.format(d=tmp_path) for a in args])
     assert res.exit_code == 2 and message in res.output, res.output
     assert len(res.output.strip().splitlines()) <= 2  # one line (rich may wrap it)
+
+
+def test_few_texts_print_a_table_and_write_no_file_unasked(runs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = invoke("--run", runs["sentiment"], "--run", runs["ner"], "--text", "john sat in london")
+    assert res.exit_code == 0, res.output
+    assert list(tmp_path.iterdir()) == []  # nothing dropped into the current folder
+    table = res.stdout
+    assert "predictions" in table and "john sat in london" in table and "sentiment" in table and "ner" in table
+    cells = [c.strip() for c in next(line for line in table.splitlines() if "john sat in london" in line).split("│")]
+    (row,) = [json.loads(line) for line in invoke("--run", runs["sentiment"], "--run", runs["ner"], "--text",
+                                                  "john sat in london", "--out", "-").stdout.splitlines()]
+    label = row["sentiment"]["label"]
+    assert cells[2] == f"{label} {row['sentiment']['probs'][label]:.2f}"  # text | sentiment | ner
+    spans = [f"{e['text']} {e['type']} [{e['start']}:{e['end']}]" for e in row["ner"]["entities"]]
+    assert cells[3] == ("; ".join(spans) or "(none)")
+
+
+def test_out_dash_writes_jsonl_to_stdout_alone(runs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = invoke("--run", runs["sentiment"], "--text", "good movie", "--text", "bad plot", "--out", "-")
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["text"] for r in rows] == ["good movie", "bad plot"] and all("label" in r["sentiment"] for r in rows)
+    assert list(tmp_path.iterdir()) == [] and "JSONL on stdout" in res.stderr
+
+
+def test_many_inputs_print_no_table_but_say_how_to_keep_them(runs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "many.txt").write_text("".join(f"text number {i}\n" for i in range(25)))
+    res = invoke("--run", runs["sentiment"], "--file", "many.txt")
+    assert res.exit_code == 0, res.output
+    assert res.stdout == "" and "pass --out FILE.jsonl (or --out - for stdout)" in res.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["many.txt"]

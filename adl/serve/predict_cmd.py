@@ -1,7 +1,12 @@
 """``adl predict``: trained heads on new texts, a file, or a data set's split, in one pass.
 
-    inputs (--text | --file | --split) -> Predictor -> <out>.jsonl (id, text, one key per head)
+    inputs (--text | --file | --split) -> Predictor -> a table on the terminal (few inputs)
+                                                     + --out FILE.jsonl (id, text, one key per head), or
+                                                       --out - (the same JSONL on stdout)
                                                      + metrics per head when the inputs have labels
+
+A file is written only where ``--out`` names one: adl never drops files into the current folder
+unasked.
 
 ``--split S`` without ``--dataset`` re-reads the data set the first run's cache recorded, with
 the same columns, limit and seed (the same carving), so ``adl predict --run R --split test``
@@ -12,6 +17,7 @@ metrics.json and are computed by the trainer's own ``score``.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,9 +191,39 @@ def metrics_table(metrics: dict) -> Table:
     return table
 
 
-def run_predict(cfg: PredictConfig, console: Console | None = None) -> dict:
-    """Predict, write the JSONL (and metrics), print metrics and throughput; -> a summary dict."""
+FEW = 20  # inputs up to this many (or any --text) are shown as a table: a screenful
+
+
+def _cell(answer: dict) -> str:
+    """One head's answer for one input, for the table: 'label 0.93' or 'Apple ORG [0:5]; ...'."""
+    if "label" in answer:
+        return f"{answer['label']} {answer['probs'][answer['label']]:.2f}"
+    return "; ".join(f"{e['text']} {e['type']} [{e['start']}:{e['end']}]" for e in answer["entities"]) or "(none)"
+
+
+def predictions_table(enc, pred) -> Table:
+    """Each input's text, then per head its label and probability, or its entities (character spans)."""
+    table = Table(title="predictions", show_lines=True)
+    table.add_column("text", overflow="fold")
+    for name in pred.heads:
+        table.add_column(escape(name), overflow="fold")
+    for i, text in enumerate(enc.texts):
+        table.add_row(escape(text), *[escape(_cell(pred.heads[name][i])) for name in pred.heads])
+    return table
+
+
+def write_jsonl(f, inputs: Inputs, enc, pred) -> None:
+    """One JSON object per input: id (row in the source), text, one key per head."""
+    for i, row_id in enumerate(inputs.ids):
+        row = {"id": row_id, "text": enc.texts[i], **{name: pred.heads[name][i] for name in pred.heads}}
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def run_predict(cfg: PredictConfig, console: Console | None = None, stdout=None) -> dict:
+    """Predict; show a table (few inputs), write the JSONL where --out says (and metrics beside it),
+    print metrics and throughput; -> a summary dict. ``stdout``: where ``--out -`` and the table go."""
     console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+    stdout = stdout or sys.stdout
     t0 = time.perf_counter()
     p = Predictor(cfg.runs, device=cfg.device, batch_size=cfg.batch_size)
     inputs = gather(cfg, p.manifest)
@@ -204,26 +240,34 @@ def run_predict(cfg: PredictConfig, console: Console | None = None) -> dict:
         pred = p.forward(enc, on_rows=lambda rows, _: bar.update(task, advance=len(rows)))
     seconds = time.perf_counter() - start
     p.decode(enc, pred)
-    out = Path(cfg.out) if cfg.out else Path("predictions.jsonl")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        for i, row_id in enumerate(inputs.ids):
-            row = {"id": row_id, "text": enc.texts[i], **{name: pred.heads[name][i] for name in pred.heads}}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    out = Path(cfg.out) if cfg.out and cfg.out != "-" else None
+    if cfg.out == "-":
+        write_jsonl(stdout, inputs, enc, pred)
+        stdout.flush()
+    elif out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", encoding="utf-8") as f:
+            write_jsonl(f, inputs, enc, pred)
+    shown = cfg.out != "-" and (bool(cfg.texts) or len(inputs.items) <= FEW)
+    if shown:
+        Console(file=stdout, highlight=False, soft_wrap=False).print(predictions_table(enc, pred))
     metrics = head_metrics(p, enc, pred, inputs)
     if inputs.raw_labels is not None:
         unscored = [n for n in pred.heads if n not in metrics]
         if unscored:
             console.print(f"not scored: {', '.join(unscored)} (the file's labels are neither the head's label "
                           "names nor its class ids, or the head tags tokens)")
-    result = {"out": str(out), "n": len(inputs.items), "seconds": seconds, "metrics": metrics}
+    result = {"out": cfg.out, "n": len(inputs.items), "seconds": seconds, "metrics": metrics}
     if metrics:
         console.print(metrics_table(metrics))
-        path = out.with_name(out.stem + ".metrics.json")
-        write_json(path, metrics)
-        result["metrics_file"] = str(path)
+        if out is not None:
+            path = out.with_name(out.stem + ".metrics.json")
+            write_json(path, metrics)
+            result["metrics_file"] = str(path)
     tokens = enc.ts.n_tokens
+    where = {None: "" if shown else "; pass --out FILE.jsonl (or --out - for stdout) to keep the predictions",
+             "-": "; JSONL on stdout"}.get(cfg.out, f"; wrote {escape(str(out))}")
     console.print(f"{len(inputs.items)} inputs, {len(pred.heads)} head(s): {len(inputs.items) / seconds:,.1f} inputs/s, "
-                  f"{tokens / seconds:,.0f} tokens/s ({seconds:.2f} s forward, {time.perf_counter() - t0:.1f} s total); "
-                  f"wrote {escape(str(out))}")
+                  f"{tokens / seconds:,.0f} tokens/s ({seconds:.2f} s forward, {time.perf_counter() - t0:.1f} s total)"
+                  + where)
     return result
