@@ -132,3 +132,22 @@ def test_many_inputs_print_no_table_but_say_how_to_keep_them(runs, tmp_path, mon
     assert res.exit_code == 0, res.output
     assert res.stdout == "" and "pass --out FILE.jsonl (or --out - for stdout)" in res.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["many.txt"]
+
+
+def test_split_of_a_changed_data_set_is_one_line_exit_2(tmp_path):
+    """--split re-reads the run's data set: an edited file (same rows, one text changed) is refused."""
+    data = write_csv(tmp_path / "d.csv", n=40, seed=5)
+    run_extract(ExtractConfig(model=str(bert_folder(tmp_path / "bert")), dataset=f"csv:{data}",
+                              out=str(tmp_path / "c"), batch_size=8, progress=False))
+    run_train(TrainConfig(cache=str(tmp_path / "c"), out=str(tmp_path / "r"), head="adalayers-pooled", max_epochs=1,
+                          device="cpu"))
+    assert invoke("--run", tmp_path / "r", "--split", "test", "--out", tmp_path / "ok.jsonl").exit_code == 0
+    lines = data.read_text().splitlines()
+    text, label = lines[1].rsplit(",", 1)
+    data.write_text("\n".join([lines[0], f"{text} again,{label}", *lines[2:]]) + "\n")
+    res = invoke("--run", tmp_path / "r", "--split", "test", "--out", tmp_path / "changed.jsonl")
+    assert res.exit_code == 2, res.output
+    assert f"the data set of run {tmp_path / 'r'} ({data}) changed since extraction" in res.output.replace("\n", "")
+    assert len(res.output.strip().splitlines()) <= 2 and not (tmp_path / "changed.jsonl").exists()
+    res = invoke("--run", tmp_path / "r", "--split", "test", "--dataset", f"csv:{data}", "--out", tmp_path / "as-is.jsonl")
+    assert res.exit_code == 0, res.output  # predicting on the data set as it is now is asked for by name

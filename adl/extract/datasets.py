@@ -30,7 +30,7 @@ CANONICAL = ("train", "validation", "test")
 CARVE_FRACTION = 0.1  # share of the source split carved out for each missing split
 _INT = re.compile(r"-?\d+")
 
-__all__ = ["Split", "LoadedDataset", "load_dataset", "reload_dataset", "carve", "check_classes", "NAMED"]
+__all__ = ["Split", "LoadedDataset", "load_dataset", "reload_dataset", "reread_dataset", "describe_spec", "carve", "check_classes", "NAMED"]
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: arrays make field-wise == ambiguous
@@ -394,3 +394,28 @@ def reload_dataset(spec: dict) -> LoadedDataset:
         text = f"{kind}:{spec['path']}"
     return load_dataset(text, text_column=spec.get("text_column"), label_column=spec.get("label_column"),
                         limit=spec.get("limit"), seed=spec.get("seed", 42))
+
+
+def describe_spec(spec: dict) -> str:
+    """A data set spec as a person names it: its alias, hub id or file path."""
+    return str(spec.get("name") or spec.get("hub_id") or spec.get("path") or spec.get("kind"))
+
+
+def reread_dataset(manifest: dict, where: str, fix: str = "re-extract the cache") -> LoadedDataset:
+    """The data set a cache ``manifest`` was extracted from, read again exactly.
+
+    Same spec, columns, carving, limit and seed (``reload_dataset``), and then the same rows: the
+    fingerprint over every split's row ids, texts and labels must equal the one recorded at
+    extraction. Otherwise one AdlError names the data set (``where``: the cache or run it belongs
+    to) and ``fix``. Every path that re-reads a cache's examples (``adl predict --split``, the
+    peers) goes through here.
+    """
+    spec = manifest["dataset"]["spec"]
+    try:
+        ds = reload_dataset(spec)
+    except AdlError as e:
+        raise AdlError(f"cannot re-read the data set of {where} ({describe_spec(spec)}): {e}") from None
+    if ds.fingerprint != manifest["dataset"]["fingerprint"]:
+        raise AdlError(f"the data set of {where} ({describe_spec(spec)}) changed since extraction (its row ids, "
+                       f"texts or labels differ from the recorded fingerprint): {fix}")
+    return ds

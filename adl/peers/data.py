@@ -4,8 +4,8 @@
     order (the cache's ``ids``) -> tokenised with the cache's tokenizer and max_length
 
 A peer needs raw text and the backbone's own states: a cache with a projection is refused
-(it is meant for heads only). The re-read data set must have the cache's fingerprint, and
-every cached row must be found in it, or the comparison would not be on the same examples.
+(it is meant for heads only). The data set is re-read by ``reread_dataset`` (the fingerprint
+check), and every cached row must be found in it, or the comparison would not be on the same examples.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 
 from adl.errors import AdlError
 from adl.extract import models
-from adl.extract.datasets import Split, reload_dataset
+from adl.extract.datasets import Split, reread_dataset
 from adl.extract.tokenize import TokenizedSplit, collate, tokenize_split
 from adl.train.data import train_sample
 
@@ -89,14 +89,7 @@ def load_peer_data(cache, *, reserve: int = 0, config=None, train_limit: int | N
     """
     man = cache.manifest
     refuse_projection(man, cache.root)
-    spec = man["dataset"]["spec"]
-    try:
-        ds = reload_dataset(spec)
-    except AdlError as e:
-        raise AdlError(f"cannot re-read the data set of {cache.root} ({_describe(spec)}): {e}") from None
-    if ds.fingerprint != man["dataset"]["fingerprint"]:
-        raise AdlError(f"the data set of {cache.root} ({_describe(spec)}) changed since extraction (its "
-                       "fingerprint differs): re-extract the cache so heads and peers see the same examples")
+    ds = reread_dataset(man, str(cache.root), "re-extract the cache so heads and peers see the same examples")
     tok = models.load_tokenizer(man["model"]["id"], man["task"], man["model"].get("trust_remote_code", False))
     length = int(man["tokenizer"]["max_length"])
     limit = models.model_limit(tok, config) if config is not None else None
@@ -127,7 +120,3 @@ def _rows(split: Split, ids: np.ndarray, name: str) -> Split:
     if split.texts is not None:
         return Split(name, [split.texts[i] for i in pos], None, np.asarray(split.labels)[pos], np.asarray(ids))
     return Split(name, None, [split.words[i] for i in pos], [split.labels[i] for i in pos], np.asarray(ids))
-
-
-def _describe(spec: dict) -> str:
-    return str(spec.get("name") or spec.get("hub_id") or spec.get("path") or spec.get("kind"))

@@ -32,7 +32,7 @@ from rich.table import Table
 from adl.cache import write_json
 from adl.devices import check_device
 from adl.errors import AdlError
-from adl.extract.datasets import TEXT_CANDIDATES, load_dataset, reload_dataset
+from adl.extract.datasets import TEXT_CANDIDATES, load_dataset, reread_dataset
 from adl.extract.sources import read_csv, read_jsonl
 from adl.serve.predictor import Predictor
 from adl.train.trainer import score
@@ -132,7 +132,9 @@ def label_ids(raw: list, names: list[str]) -> np.ndarray | None:
 
 
 def read_split(cfg: PredictConfig, manifest: dict) -> Inputs:
-    ds = load_dataset(cfg.dataset) if cfg.dataset else reload_dataset(manifest["dataset"]["spec"])
+    """--split S of --dataset, or of the run's own data set re-read exactly (``reread_dataset``)."""
+    fix = "re-extract and retrain, or pass --dataset to predict on it as it is now"
+    ds = load_dataset(cfg.dataset) if cfg.dataset else reread_dataset(manifest, f"run {cfg.runs[0]}", fix)
     if cfg.split not in ds.splits:
         raise AdlError(f"data set {ds.name} has no split '{cfg.split}'; it has {', '.join(ds.splits)}")
     s = ds.splits[cfg.split]
