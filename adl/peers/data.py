@@ -17,6 +17,7 @@ import numpy as np
 from adl.errors import AdlError
 from adl.extract import models
 from adl.extract.datasets import Split, reread_dataset
+from adl.extract.recorded import RecordedBackbone, recorded_backbone
 from adl.extract.tokenize import TokenizedSplit, collate, tokenize_split
 from adl.train.data import train_sample
 
@@ -77,22 +78,24 @@ def refuse_projection(manifest: dict, root) -> None:
                        "cache without --project for the comparison")
 
 
-def load_peer_data(cache, *, reserve: int = 0, config=None, train_limit: int | None = None,
-                   seed: int = 0) -> PeerData:
+def load_peer_data(cache, *, reserve: int = 0, backbone: RecordedBackbone | None = None,
+                   train_limit: int | None = None, seed: int = 0) -> PeerData:
     """Re-read the data set of ``cache`` (an open Cache) and keep exactly its train/validation/test rows.
 
     ``train_limit`` keeps the sample of training rows ``adl train --train-limit N --seed S`` trains
     on (``adl.train.data.train_sample``), so a learning curve's peers see the heads' examples.
 
     ``reserve`` positions are kept free for prompt tokens: the cache's max_length shrinks when
-    max_length + reserve would exceed the model's limit (``config`` gives the position table).
+    max_length + reserve would exceed the model's limit (its config gives the position table).
+    ``backbone``: the cache's recorded backbone, when the caller has found it already.
     """
     man = cache.manifest
     refuse_projection(man, cache.root)
     ds = reread_dataset(man, str(cache.root), "re-extract the cache so heads and peers see the same examples")
-    tok = models.load_tokenizer(man["model"]["id"], man["task"], man["model"].get("trust_remote_code", False))
+    backbone = backbone or recorded_backbone(man, f"cache {cache.root}")
+    tok = backbone.tokenizer(man["task"])
     length = int(man["tokenizer"]["max_length"])
-    limit = models.model_limit(tok, config) if config is not None else None
+    limit = models.model_limit(tok, backbone.config)
     if reserve and limit is not None and length + reserve > limit:
         length = limit - reserve
     splits = {}

@@ -27,6 +27,7 @@ from adl import __version__
 from adl.cache import open_cache, write_json
 from adl.errors import AdlError
 from adl.extract import models
+from adl.extract.recorded import recorded_backbone
 from adl.peers.config import PROMPT_METHODS, SOURCES, FinetuneConfig, resolve
 from adl.peers.data import load_peer_data, refuse_projection
 from adl.peers.loop import PeerResult, fit_peer
@@ -58,16 +59,13 @@ def run_finetune(cfg: FinetuneConfig, *, console: Console | None = None) -> dict
     if cfg.method == "setfit" and man["task"] != "sequence":
         raise AdlError("--method setfit classifies whole texts; this cache is a token task (NER): use full, "
                        "bitfit, lora, prompt or ptuning-bias")
-    model_id, trust = man["model"]["id"], man["model"].get("trust_remote_code", False)
-    hf_config = models.load_config(model_id, trust)
-    if models.config_hash(hf_config) != man["model"]["config_hash"]:
-        raise AdlError(f"the backbone {model_id} is not the one {cache.root} was extracted with (its config "
-                       "differs): re-extract the cache")
+    recorded = recorded_backbone(man, f"cache {cache.root}")
+    model_id = recorded.model_id
     cfg = dataclasses.replace(cfg, out=cfg.out or default_out(cfg.cache, cfg.method))
     final = Path(cfg.out)
     out = prepare_out(cfg.out, cfg.overwrite)
     reserve = cfg.virtual_tokens if cfg.method in PROMPT_METHODS else 0
-    data = load_peer_data(cache, reserve=reserve, config=hf_config, train_limit=cfg.train_limit, seed=cfg.seed)
+    data = load_peer_data(cache, reserve=reserve, backbone=recorded, train_limit=cfg.train_limit, seed=cfg.seed)
     device = models.select_device(cfg.device)
     write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "cache_hash": cache.hash,
                                      "adl_version": __version__, "method": cfg.method, "source": SOURCES[cfg.method],
@@ -86,9 +84,7 @@ def run_finetune(cfg: FinetuneConfig, *, console: Console | None = None) -> dict
         if cfg.method == "setfit":
             result = fit_setfit(model_id, data, cfg, on_epoch=on_epoch)
         else:
-            info = models.describe(model_id, hf_config, man["model"]["family"] == "encoder-decoder"
-                                   and man["model"]["states"] == "decoder")
-            backbone = models.Backbone(info, device, trust)
+            backbone = recorded.load(device)
             torch.manual_seed(cfg.seed)
             model = build(backbone, cfg, len(data.label_names), data.task, cache_pool(man)).to(device.device)
             result = fit_peer(model, data, cfg, device.device, device.autocast_context, on_epoch=on_epoch)

@@ -27,6 +27,7 @@ from adl.extract import models
 from adl.extract.datasets import Split
 from adl.extract.loop import to_device
 from adl.extract.pooling import mean_pool
+from adl.extract.recorded import recorded_backbone
 from adl.extract.tokenize import TokenizedSplit, collate, make_batches, tokenize_split
 from adl.serve.decode import entities, joined_spans, sequence_prediction, token_spans
 from adl.train.rundir import Run, check_same_backbone, load_run
@@ -57,12 +58,6 @@ class Encoded:
     spans: list[dict] | None  # per input: word index -> (start, end) in texts[i]
 
 
-def _model_id(model: dict) -> str:
-    """The run's backbone: an alias is resolved again (the package folder may have moved)."""
-    name = model.get("name")
-    return models.resolve_model_id(name) if name in (*models.ALIASES, "minilm") else model["id"]
-
-
 class Predictor:
     """Heads of one or more run folders on their shared backbone (head name = run folder name)."""
 
@@ -74,23 +69,16 @@ class Predictor:
         check_same_backbone(self.runs)
         m = self.runs[0].manifest
         self.manifest = m
-        trust = bool(m["model"].get("trust_remote_code", False))
-        model_id = _model_id(m["model"])
-        hf_config = models.load_config(model_id, trust)
-        decoder = m["model"]["states"] == "decoder" and m["model"]["family"] == "encoder-decoder"
-        info = models.describe(model_id, hf_config, decoder)
-        if info.config_hash != m["model"]["config_hash"]:
-            raise AdlError(f"the backbone at {model_id} is not the one run {self.runs[0].name} was trained on "
-                           "(its config hash differs): install or point to the same model")
+        self.recorded = recorded_backbone(m, f"run {self.runs[0].root}")
         self.plan = models.select_device(device)
-        self.backbone = models.Backbone(info, self.plan, trust)
+        self.backbone = self.recorded.load(self.plan)
         self.taps = LayerTaps(self.backbone)
         self.feeds = {run.name: HeadFeed(run, self.plan.device) for run in self.runs}
         self.max_length = int(m["tokenizer"]["max_length"])
         self.batch_size = int(batch_size or m.get("batch_size") or 32)
         per_row = (m.get("batch_tokens") or 128 * int(m.get("batch_size") or 32)) / int(m.get("batch_size") or 32)
         self.batch_tokens = int(batch_tokens or per_row * self.batch_size)
-        self._model_id, self._trust, self._tokenizers = model_id, trust, {}
+        self._tokenizers = {}
         self._lock = threading.Lock()
 
     @property
@@ -105,7 +93,7 @@ class Predictor:
     def tokenizer(self, task: str):
         """The extraction's tokenizer for ``task`` (byte-level BPE gets a prefix space for words)."""
         if task not in self._tokenizers:
-            self._tokenizers[task] = models.load_tokenizer(self._model_id, task, self._trust)
+            self._tokenizers[task] = self.recorded.tokenizer(task)
         return self._tokenizers[task]
 
     # ---- inputs -----------------------------------------------------------------------------
