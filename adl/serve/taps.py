@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from adl.errors import AdlError
 from adl.extract.pooling import pool
 from adl.train.rundir import Run
 from adl.train.heads import AdaLayersHead, PooledHead
@@ -94,12 +95,9 @@ class HeadFeed:
         return self.head(z, bmask if z.dim() == 4 else None)
 
 
-def find_layers(stack: nn.Module, n_layers: int) -> nn.ModuleList:
-    """The stack's list of transformer layers: its first ModuleList of ``n_layers`` modules."""
-    for module in stack.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
-            return module
-    raise RuntimeError(f"{type(stack).__name__} has no list of {n_layers} layers to attach heads to")
+def layer_lists(stack: nn.Module, n_layers: int) -> list[nn.ModuleList]:
+    """Every ModuleList of ``n_layers`` modules in the stack, in module order: the candidates for its layers."""
+    return [m for m in stack.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
 
 
 class LayerTaps:
@@ -113,7 +111,55 @@ class LayerTaps:
         else:
             self.stack = model
         self.L = info.num_hidden_states
-        self.layers = find_layers(self.stack, self.L - 1)
+        self.layers = self._find_layers()
+
+    def _find_layers(self) -> nn.ModuleList:
+        """The stack's transformer layers: the first list of L-1 modules whose hooked states equal the
+        model's own ``output_hidden_states`` on a short dummy batch. Matching by length alone is a guess
+        (a wrapper may hold adapters or heads in another list of that length); a wrong guess would feed
+        the heads other tensors than the cache holds, silently."""
+        candidates = layer_lists(self.stack, self.L - 1)
+        device = self.backbone.plan.device
+        vocab = int(getattr(self.backbone.model.config, "vocab_size", 0) or 8)
+        ids = (torch.arange(2, 10, device=device) % vocab)[None]  # (1, 8): any ids; the states only need to agree
+        mask = torch.ones_like(ids)
+        with torch.inference_mode():
+            expected = self.backbone.hidden_states(ids, mask)
+            for layers in candidates:
+                got = self._hooked_states(layers, ids, mask)
+                if len(got) == self.L and all(a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-3,
+                                                                                    atol=1e-4)
+                                              for a, b in zip(got, expected)):
+                    return layers
+        raise AdlError(f"cannot attach heads to {self.backbone.info.id}: none of its {len(candidates)} list(s) of "
+                       f"{self.L - 1} modules takes the hidden states output_hidden_states returns (checked on a "
+                       "dummy batch), so the live states would not be the cached ones; use a standard "
+                       "transformers model")
+
+    def _hooked_states(self, layers: nn.ModuleList, ids: Tensor, mask: Tensor) -> list[Tensor]:
+        """The L states the hooks read with ``layers`` as the stack's layers: each one's input, then the
+        stack's output."""
+        got: dict[int, Tensor] = {}
+
+        def pre_hook(i):
+            def hook(module, args, kwargs):
+                h = args[0] if args else kwargs.get("hidden_states")
+                if isinstance(h, Tensor):
+                    got.setdefault(i, h)
+            return hook
+
+        def out_hook(module, args, output):
+            got[self.L - 1] = output[0]
+
+        hooks = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        hooks.append(self.stack.register_forward_hook(out_hook))
+        try:
+            with self.backbone.plan.autocast_context():
+                self._forward(ids, mask, False)
+        finally:
+            for h in hooks:
+                h.remove()
+        return [got[i] for i in range(self.L) if i in got]
 
     def run(self, ids: Tensor, mask: Tensor, feeds: list[HeadFeed], *, full: bool, last: bool):
         """One batch. full: run the model's own forward and return its output (else None);
