@@ -61,6 +61,13 @@ def test_two_heads_in_one_pass_on_texts_and_files(runs, tmp_path):
     csv.write_text("body,other\ngood movie,1\n")
     res = invoke("--run", runs["sentiment"], "--file", csv, "--text-column", "body", "--out", tmp_path / "c.jsonl")
     assert res.exit_code == 0, res.output
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["good movie", None, "bad plot"]}), tmp_path / "in.parquet")
+    res = invoke("--run", runs["sentiment"], "--file", tmp_path / "in.parquet", "--out", tmp_path / "p.jsonl")
+    assert res.exit_code == 0 and "skipped 1 empty input" in res.output, res.output
+    assert [json.loads(x)["id"] for x in (tmp_path / "p.jsonl").read_text().splitlines()] == [0, 2]
 
 
 def test_a_files_label_column_is_scored_per_head(runs, tmp_path):
@@ -89,6 +96,9 @@ def test_a_files_label_column_is_scored_per_head(runs, tmp_path):
      "column 'text' not found"),
     (lambda d: d.joinpath("x.csv").write_text("text,b\n1,2\n"), ("--file", "{d}/x.csv", "--label-column", "y"),
      "label column 'y' not found"),
+    (lambda d: d.joinpath("x.csv").write_text("text,b\n1,2,3\n"), ("--file", "{d}/x.csv"), "x.csv:2: expected 2 fields"),
+    (lambda d: d.joinpath("x.parquet").write_bytes(b"not parquet"), ("--file", "{d}/x.parquet"), "could not read parquet"),
+    (lambda d: d.joinpath("x.tsv").write_text("a\tb\n"), ("--file", "{d}/x.tsv"), "unknown file type '.tsv'"),
     (lambda d: None, ("--text", "a", "--split", "test"), "exactly one input"),
     (lambda d: d.joinpath("empty-run").mkdir(), ("--text", "a"), "incomplete"),
 ])

@@ -214,6 +214,38 @@ def _open_local(kind: str, path_text: str) -> RawSource:
     return RawSource(name, {"train": split}, spec, untyped=kind == "csv")
 
 
+TABLE_SUFFIXES = (".txt", ".csv", ".jsonl", ".parquet")  # what ``read_table`` reads
+
+
+def read_table(path: Path) -> dict[str, list]:
+    """A local file of texts -> {column: values}, by its suffix: .txt (or none) is one text per
+    line (one column, ``text``); .csv, .jsonl and .parquet are read with their columns."""
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ""):
+        return {"text": read_lines(path)}
+    if suffix == ".csv":
+        return read_csv(path)
+    if suffix == ".jsonl":
+        return read_jsonl(path)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pydict()
+        except Exception as e:  # pyarrow's errors have no common base
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise AdlError(f"could not read parquet file {path}: {first}; check the file") from None
+    raise AdlError(f"{path}: unknown file type {suffix!r}; use {', '.join(TABLE_SUFFIXES)}")
+
+
+def read_lines(path: Path) -> list[str]:
+    """A plain UTF-8 text file -> its lines (a BOM dropped, line ends removed)."""
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise AdlError(f"{path} is not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
+
+
 def read_csv(path: Path, encoding: str = "utf-8-sig") -> dict[str, list[str]]:
     """A CSV with a header row -> {column: values}; a bad row reports its line number."""
     try:

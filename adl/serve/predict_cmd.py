@@ -33,7 +33,7 @@ from adl.cache import write_json
 from adl.devices import check_device
 from adl.errors import AdlError
 from adl.extract.datasets import TEXT_CANDIDATES, load_dataset, reread_dataset
-from adl.extract.sources import read_csv, read_jsonl
+from adl.extract.sources import read_table
 from adl.serve.predictor import Predictor
 from adl.train.trainer import score
 
@@ -84,26 +84,10 @@ def read_file(path: str, column: str | None, label_column: str | None = None) ->
     p = Path(path)
     if not p.is_file():
         raise AdlError(f"file not found: {path}")
-    suffix = p.suffix.lower()
-    if suffix in (".txt", ""):
-        if column or label_column:
-            raise AdlError(f"{path} is plain text (one text per line): it has no columns; drop "
-                           f"{'--text-column' if column else '--label-column'}")
-        try:
-            lines = p.read_text(encoding="utf-8-sig").splitlines()
-        except UnicodeDecodeError as e:
-            raise AdlError(f"{path} is not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
-        cols = {"text": lines}
-    elif suffix == ".csv":
-        cols = read_csv(p)
-    elif suffix == ".jsonl":
-        cols = read_jsonl(p)
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        cols = pq.read_table(p).to_pydict()
-    else:
-        raise AdlError(f"{path}: unknown file type {suffix!r}; use .txt, .csv, .jsonl or .parquet")
+    if p.suffix.lower() in (".txt", "") and (column or label_column):
+        raise AdlError(f"{path} is plain text (one text per line): it has no columns; drop "
+                       f"{'--text-column' if column else '--label-column'}")
+    cols = read_table(p)
     name = column or next((c for c in TEXT_CANDIDATES if c in cols), None)
     if name not in cols:
         looked = f"column '{column}' not found" if column else f"no text column ({', '.join(TEXT_CANDIDATES)})"
