@@ -228,23 +228,3 @@ def test_compare_reads_a_sweep(assets, tmp_path):
     best = json.loads((sweep / "best.json").read_text())["best"]
     row = rows["adl sweep best (adalayers-pooled)"]
     assert row["seeds"] == "2" and float(row["mean"]) == pytest.approx(best["test"])
-
-
-def test_peers_import_only_cache_extract_train_and_only_the_cli_imports_them():
-    import ast
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent / "adl"
-    wrong = []
-    for path in root.rglob("*.py"):
-        mods = {n.module for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom) and n.module}
-        pkg = path.relative_to(root).parts[0]
-        for m in mods:
-            parts = m.split(".")
-            if parts[0] != "adl" or len(parts) < 2:
-                continue
-            if pkg == "peers" and parts[1] not in ("peers", "cache", "extract", "train", "errors", "devices"):
-                wrong.append(f"{path.name} imports {m}")
-            if parts[1] == "peers" and pkg not in ("peers", "cli.py"):
-                wrong.append(f"{path} imports {m}")
-    assert not wrong, wrong
