@@ -11,6 +11,7 @@ the L = num_layers + 1 hidden states Z_0 (embeddings) .. Z_{L-1}, each (B, T, H)
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -177,6 +178,22 @@ def config_hash(config) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# Config entries that loading sets on a model object (``from_pretrained(dtype=...)``, a wrapper
+# turning the KV cache off), not part of the checkpoint's architecture.
+RUNTIME_KEYS = ("dtype", "torch_dtype", "use_cache", "output_hidden_states", "output_attentions", "return_dict")
+
+
+def config_hashes(config) -> set[str]:
+    """The hashes a loaded model's config may match: as it is, and with the entries loading sets
+    (``RUNTIME_KEYS``) back at the config class's defaults, as ``AutoConfig`` reads them from disk."""
+    defaults = type(config)().to_dict()
+    plain = copy.deepcopy(config)
+    for key in RUNTIME_KEYS:
+        if key in defaults:
+            setattr(plain, key, defaults[key])
+    return {config_hash(config), config_hash(plain)}
+
+
 def load_tokenizer(model_id: str, task: str, trust_remote_code: bool = False):
     """A fast tokenizer (word ids are needed for NER); byte-level BPE gets a prefix space for
     pre-split words, as RoBERTa/GPT-2 expect."""
@@ -200,10 +217,11 @@ _LOAD_KEYS = {"is_local", "local_files_only", "name_or_path", "_commit_hash", "c
               "trust_remote_code"}
 
 
-def tokenizer_hash(tokenizer) -> str:
+def tokenizer_hash(tokenizer, ignore: tuple[str, ...] = ()) -> str:
     """sha256 of the tokenizer's files as loaded (what ``save_pretrained`` writes: vocabulary,
     merges, normaliser, special tokens, and load-time options such as add_prefix_space),
-    without the keys that only record where and how it was loaded."""
+    without the keys that only record where and how it was loaded, nor the ``ignore`` keys
+    of tokenizer_config.json."""
     import tempfile
 
     out = hashlib.sha256()
@@ -212,7 +230,7 @@ def tokenizer_hash(tokenizer) -> str:
         for path in sorted(Path(tmp).iterdir()):
             data = path.read_bytes()
             if path.name == "tokenizer_config.json":
-                cfg = {k: v for k, v in json.loads(data).items() if k not in _LOAD_KEYS}
+                cfg = {k: v for k, v in json.loads(data).items() if k not in _LOAD_KEYS and k not in ignore}
                 data = json.dumps(cfg, sort_keys=True, default=str).encode()
             out.update(path.name.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
     return out.hexdigest()

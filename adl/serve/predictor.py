@@ -31,7 +31,7 @@ from adl.extract.recorded import recorded_backbone
 from adl.extract.tokenize import TokenizedSplit, collate, make_batches, tokenize_split
 from adl.serve.decode import entities, joined_spans, sequence_prediction, token_spans
 from adl.train.rundir import Run, check_same_backbone, load_run
-from adl.serve.taps import HeadFeed, LayerTaps
+from adl.serve.taps import HeadFeed, LayerTaps, finish_heads
 
 
 @dataclass
@@ -150,10 +150,9 @@ class Predictor:
                 ids_t, mask_t = to_device(ids, self.plan), to_device(mask, self.plan)
                 output, last = self.taps.run(ids_t, mask_t, feeds, full=return_backbone, last=return_embedding)
                 lengths = mask.sum(1)
-                for f in feeds:
-                    out = f.finish(mask_t).float().cpu().numpy()
+                for name, out in finish_heads(feeds, mask_t).items():
                     for b, i in enumerate(rows):
-                        logits[f.run.name][i] = out[b, : lengths[b]] if out.ndim == 3 else out[b]
+                        logits[name][i] = out[b, : lengths[b]] if out.ndim == 3 else out[b]
                 if backbone is not None:
                     for b, i in enumerate(rows):
                         backbone[i] = _one_example(output, b, int(lengths[b]), ids.shape)

@@ -22,6 +22,7 @@ pre-hook of the highest layer any head needs raises ``_Stop`` once it has fed th
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -95,9 +96,64 @@ class HeadFeed:
         return self.head(z, bmask if z.dim() == 4 else None)
 
 
+def feed_layer(feeds: list[HeadFeed], layer: int, h: Tensor, mask: Tensor) -> None:
+    """Layer ``layer``'s hidden state h (B, T, H) into the heads that read it, outside the
+    caller's autocast and autograd: pooling, projection and heads compute in float32 what
+    extraction computed, whatever precision the backbone ran in."""
+    memo: dict = {}
+    with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
+        for feed in feeds:
+            feed.feed(layer, h, mask, memo)
+
+
+def finish_heads(feeds: list[HeadFeed], mask: Tensor) -> dict[str, np.ndarray]:
+    """Every head's logits for the batch, outside autocast: name -> (B, C) or (B, T, C) float32."""
+    with torch.no_grad(), torch.autocast(mask.device.type, enabled=False):
+        return {f.run.name: f.finish(mask).float().cpu().numpy() for f in feeds}
+
+
 def layer_lists(stack: nn.Module, n_layers: int) -> list[nn.ModuleList]:
     """Every ModuleList of ``n_layers`` modules in the stack, in module order: the candidates for its layers."""
     return [m for m in stack.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+
+
+def matching_layers(stack: nn.Module, n_states: int, forward, expected) -> nn.ModuleList | None:
+    """The first list of ``n_states - 1`` modules of ``stack`` whose hooked states (each one's input,
+    then the stack's output) equal ``expected`` (the model's own ``output_hidden_states``) while
+    ``forward()`` runs the same batch; None when no list does. Matching by length alone is a guess (a
+    wrapper may hold adapters or heads in another list of that length); a wrong guess would feed the
+    heads other tensors than the cache holds, silently."""
+    for layers in layer_lists(stack, n_states - 1):
+        got = hooked_states(stack, layers, n_states, forward)
+        if len(got) == n_states and all(a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-3,
+                                                                              atol=1e-4)
+                                        for a, b in zip(got, expected)):
+            return layers
+    return None
+
+
+def hooked_states(stack: nn.Module, layers: nn.ModuleList, n_states: int, forward) -> list[Tensor]:
+    """The states the hooks read with ``layers`` as the stack's layers while ``forward()`` runs."""
+    got: dict[int, Tensor] = {}
+
+    def pre_hook(i):
+        def hook(module, args, kwargs):
+            h = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(h, Tensor):
+                got.setdefault(i, h)
+        return hook
+
+    def out_hook(module, args, output):
+        got[n_states - 1] = output[0]
+
+    hooks = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    hooks.append(stack.register_forward_hook(out_hook))
+    try:
+        forward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return [got[i] for i in range(n_states) if i in got]
 
 
 class LayerTaps:
@@ -114,52 +170,24 @@ class LayerTaps:
         self.layers = self._find_layers()
 
     def _find_layers(self) -> nn.ModuleList:
-        """The stack's transformer layers: the first list of L-1 modules whose hooked states equal the
-        model's own ``output_hidden_states`` on a short dummy batch. Matching by length alone is a guess
-        (a wrapper may hold adapters or heads in another list of that length); a wrong guess would feed
-        the heads other tensors than the cache holds, silently."""
-        candidates = layer_lists(self.stack, self.L - 1)
+        """The stack's transformer layers, checked on a short dummy batch (``matching_layers``)."""
         device = self.backbone.plan.device
         vocab = int(getattr(self.backbone.model.config, "vocab_size", 0) or 8)
         ids = (torch.arange(2, 10, device=device) % vocab)[None]  # (1, 8): any ids; the states only need to agree
         mask = torch.ones_like(ids)
-        with torch.inference_mode():
-            expected = self.backbone.hidden_states(ids, mask)
-            for layers in candidates:
-                got = self._hooked_states(layers, ids, mask)
-                if len(got) == self.L and all(a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-3,
-                                                                                    atol=1e-4)
-                                              for a, b in zip(got, expected)):
-                    return layers
-        raise AdlError(f"cannot attach heads to {self.backbone.info.id}: none of its {len(candidates)} list(s) of "
-                       f"{self.L - 1} modules takes the hidden states output_hidden_states returns (checked on a "
-                       "dummy batch), so the live states would not be the cached ones; use a standard "
-                       "transformers model")
 
-    def _hooked_states(self, layers: nn.ModuleList, ids: Tensor, mask: Tensor) -> list[Tensor]:
-        """The L states the hooks read with ``layers`` as the stack's layers: each one's input, then the
-        stack's output."""
-        got: dict[int, Tensor] = {}
-
-        def pre_hook(i):
-            def hook(module, args, kwargs):
-                h = args[0] if args else kwargs.get("hidden_states")
-                if isinstance(h, Tensor):
-                    got.setdefault(i, h)
-            return hook
-
-        def out_hook(module, args, output):
-            got[self.L - 1] = output[0]
-
-        hooks = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-        hooks.append(self.stack.register_forward_hook(out_hook))
-        try:
+        def forward():
             with self.backbone.plan.autocast_context():
                 self._forward(ids, mask, False)
-        finally:
-            for h in hooks:
-                h.remove()
-        return [got[i] for i in range(self.L) if i in got]
+
+        with torch.inference_mode():
+            layers = matching_layers(self.stack, self.L, forward, self.backbone.hidden_states(ids, mask))
+        if layers is None:
+            raise AdlError(f"cannot attach heads to {self.backbone.info.id}: none of its "
+                           f"{len(layer_lists(self.stack, self.L - 1))} list(s) of {self.L - 1} modules takes the "
+                           "hidden states output_hidden_states returns (checked on a dummy batch), so the live "
+                           "states would not be the cached ones; use a standard transformers model")
+        return layers
 
     def run(self, ids: Tensor, mask: Tensor, feeds: list[HeadFeed], *, full: bool, last: bool):
         """One batch. full: run the model's own forward and return its output (else None);
@@ -174,9 +202,7 @@ class LayerTaps:
         got: dict[str, Tensor] = {}
 
         def deliver(layer: int, h: Tensor) -> None:
-            memo: dict = {}
-            for feed in need.get(layer, ()):
-                feed.feed(layer, h, mask, memo)
+            feed_layer(need.get(layer, []), layer, h, mask)
             if layer == stop_at:
                 raise _Stop
 
