@@ -221,7 +221,7 @@ def tokenizer_hash(tokenizer, ignore: tuple[str, ...] = ()) -> str:
     """sha256 of the tokenizer's files as loaded (what ``save_pretrained`` writes: vocabulary,
     merges, normaliser, special tokens, and load-time options such as add_prefix_space),
     without the keys that only record where and how it was loaded, nor the ``ignore`` keys
-    of tokenizer_config.json."""
+    of tokenizer_config.json and tokenizer.json (where a call's padding and truncation stay)."""
     import tempfile
 
     out = hashlib.sha256()
@@ -231,6 +231,9 @@ def tokenizer_hash(tokenizer, ignore: tuple[str, ...] = ()) -> str:
             data = path.read_bytes()
             if path.name == "tokenizer_config.json":
                 cfg = {k: v for k, v in json.loads(data).items() if k not in _LOAD_KEYS and k not in ignore}
+                data = json.dumps(cfg, sort_keys=True, default=str).encode()
+            elif path.name == "tokenizer.json" and ignore:
+                cfg = {k: v for k, v in json.loads(data).items() if k not in ignore}
                 data = json.dumps(cfg, sort_keys=True, default=str).encode()
             out.update(path.name.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
     return out.hexdigest()

@@ -27,6 +27,7 @@ its own head state; ``results()`` returns the calling thread's rows.
 from __future__ import annotations
 
 import inspect
+import os
 import threading
 import warnings
 import weakref
@@ -107,8 +108,9 @@ class Attached:
     """Heads attached to one model object; see the module docstring. Build with ``adl.attach``."""
 
     def __init__(self, model, runs, device: str | None = None):
-        if isinstance(runs, (str, bytes)) or not runs:
-            raise AdlError("adl.attach needs a list of run folders, e.g. adl.attach(model, ['runs/sentiment'])")
+        runs = [runs] if isinstance(runs, (str, os.PathLike)) else list(runs or [])
+        if not runs:
+            raise AdlError("adl.attach needs run folders, e.g. adl.attach(model, ['runs/sentiment', 'runs/ner'])")
         self.runs = [load_run(r) for r in runs]
         check_same_backbone(self.runs)
         self.target = unwrap(model, self.runs[0])  # identity checked: config hash, states, tokenizer
@@ -288,6 +290,6 @@ class Attached:
 
 
 def attach(model, runs, device: str | None = None) -> Attached:
-    """Attach the heads of ``runs`` (run folders) to ``model``: a transformers model, a
+    """Attach the heads of ``runs`` (a run folder or a list of them) to ``model``: a transformers model, a
     SentenceTransformer or a pipeline. Use as a context manager, or call ``.detach()``."""
     return Attached(model, runs, device)

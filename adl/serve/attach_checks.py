@@ -25,8 +25,12 @@ from adl.extract import models
 from adl.extract.recorded import recorded_backbone
 from adl.serve.taps import matching_layers
 
-# Tokenizer settings that change how a call tokenises, not what the tokenizer is.
-CALL_SETTINGS = ("model_max_length", "padding_side", "truncation_side")
+# Tokenizer settings that change how a call tokenises, not what the tokenizer is: tokenizer_config's
+# (extraction loads a token task's tokenizer with add_prefix_space for pre-split words; a decoder's
+# users set a pad token to batch prompts, and padding is masked) and the padding and truncation a
+# fast tokenizer keeps in tokenizer.json after a call.
+CALL_SETTINGS = ("model_max_length", "padding_side", "truncation_side", "add_prefix_space", "pad_token", "padding",
+                 "truncation")
 
 
 @dataclass(frozen=True)
