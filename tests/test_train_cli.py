@@ -177,6 +177,28 @@ def test_run_folders_adl_did_not_write_are_never_replaced(caches, tmp_path, monk
     assert res.exit_code == 2 and "is a symlink" in res.output and (user / "notes.txt").is_file()
 
 
+@pytest.mark.parametrize("files", [
+    {"config.json": '{"model_type": "bert"}'},  # nothing but a file named as adl names its own
+    {"config.json": '{"model_type": "bert"}', "metrics.json": "{}", "history.csv": "epoch\n1\n"},
+    {"config.json": "[1, 2]"},
+])
+def test_a_users_folder_of_run_file_names_is_never_replaced(caches, tmp_path, files):
+    """adl knows its run folders by the marker in their config.json, not by file names."""
+    user = tmp_path / "mine"
+    user.mkdir()
+    for name, text in files.items():
+        (user / name).write_text(text)
+    res = invoke("train", "--cache", caches["seq"], "--out", user, "--overwrite", *FAST)
+    _one_error_line(res, "holds files adl did not write (config.json without adl's marker)")
+    assert {p.name: p.read_text() for p in user.iterdir()} == files
+    partial = tmp_path / "run.partial"  # a user's folder where adl would write aside is not cleared either
+    partial.mkdir()
+    (partial / "config.json").write_text('{"model_type": "bert"}')
+    res = invoke("train", "--cache", caches["seq"], "--out", tmp_path / "run", *FAST)
+    _one_error_line(res, "is not an unfinished adl run")
+    assert (partial / "config.json").read_text() == '{"model_type": "bert"}'
+
+
 def test_a_rerun_replaces_the_whole_run(caches, tmp_path):
     out = tmp_path / "run"
     assert invoke("train", "--cache", caches["seq"], "--out", out, *FAST).exit_code == 0
@@ -185,3 +207,4 @@ def test_a_rerun_replaces_the_whole_run(caches, tmp_path):
     assert res.exit_code == 0, res.output
     assert (out / "layer_weights.png").is_file() and not (tmp_path / "run.partial").exists()
     assert not (tmp_path / "run.replaced").exists()
+    assert json.loads((out / "config.json").read_text())["adl_run"] == "train"  # the marker

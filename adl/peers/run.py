@@ -2,7 +2,8 @@
 
 The run folder has ``adl train``'s files (adl.train.rundir's prepare_out / publish / write_history):
 
-    config.json           {"config": resolved FinetuneConfig, "cache_hash", "adl_version", "method", "source"}
+    config.json           {"adl_run": "finetune", "config": resolved FinetuneConfig, "cache_hash",
+                          "adl_version", "method", "source"}
     metrics.json          validation (selected epoch) and test metrics, plus the cost: trainable
                           parameters, seconds to the selected checkpoint and in total, peak memory,
                           backbone forward passes
@@ -35,7 +36,7 @@ from adl.peers.model import build
 from adl.peers.setfit import fit_setfit
 from adl.train.console import EpochTable
 from adl.train.metrics import selection_metric
-from adl.train.rundir import prepare_out, publish, write_history
+from adl.train.rundir import prepare_out, publish, write_config, write_history
 
 
 def default_out(cache: str, method: str) -> str:
@@ -63,13 +64,13 @@ def run_finetune(cfg: FinetuneConfig, *, console: Console | None = None) -> dict
     model_id = recorded.model_id
     cfg = dataclasses.replace(cfg, out=cfg.out or default_out(cfg.cache, cfg.method))
     final = Path(cfg.out)
-    out = prepare_out(cfg.out, cfg.overwrite)
+    out = prepare_out(cfg.out, cfg.overwrite, "finetune")
     reserve = cfg.virtual_tokens if cfg.method in PROMPT_METHODS else 0
     data = load_peer_data(cache, reserve=reserve, backbone=recorded, train_limit=cfg.train_limit, seed=cfg.seed)
     device = models.select_device(cfg.device)
-    write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "cache_hash": cache.hash,
-                                     "adl_version": __version__, "method": cfg.method, "source": SOURCES[cfg.method],
-                                     "max_length": data.max_length})
+    write_config(out, "finetune", {"config": dataclasses.asdict(cfg), "cache_hash": cache.hash,
+                                   "adl_version": __version__, "method": cfg.method, "source": SOURCES[cfg.method],
+                                   "max_length": data.max_length})
     write_json(out / "cache_manifest.json", man)
     table = EpochTable(console, selection_metric(data.task), [])
 

@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from adl import __version__
-from adl.cache import open_cache, write_csv, write_json
+from adl.cache import open_cache, write_csv
 from adl.train.config import TrainConfig, auto_head, resolve, view_for
 from adl.train.console import epoch_progress
 from adl.train.data import TrainData, load_data
@@ -45,7 +45,7 @@ from adl.train.heads import masked_mean
 from adl.train.metrics import hidden_state_variability, selection_metric
 from adl.train.plots import plot_baselines
 from adl.train.probe import fit_head
-from adl.train.rundir import prepare_out, publish
+from adl.train.rundir import prepare_out, publish, write_config
 
 HSV_ROWS = 4096  # rows (examples or words) for the hsv score: memory HSV_ROWS * L * D * 4 bytes
 
@@ -151,9 +151,9 @@ def run_baselines(cfg: TrainConfig, *, console: Console | None = None) -> dict:
     t0 = time.perf_counter()
     cache = open_cache(cfg.cache)
     cfg = resolve(dataclasses.replace(cfg, head=None, layer=None), cache, kind="baselines")
-    final, out = Path(cfg.out), prepare_out(cfg.out, cfg.overwrite)
-    write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "cache_hash": cache.hash,
-                                     "adl_version": __version__, "kind": "baselines"})
+    final, out = Path(cfg.out), prepare_out(cfg.out, cfg.overwrite, "baselines")
+    write_config(out, "baselines", {"config": dataclasses.asdict(cfg), "cache_hash": cache.hash,
+                                    "adl_version": __version__, "kind": "baselines"})
     views, ada_name = Views(cache, cfg), auto_head(cache)
     console.print(f"baselines on {cache.root} ({cache.task} task, {len(cache.layers)} layers, "
                   f"selection: validation {selection_metric(cache.task)})", highlight=False, soft_wrap=True)

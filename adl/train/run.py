@@ -28,7 +28,7 @@ from adl.train.head_io import make_head
 from adl.train.metrics import selection_metric
 from adl.train.plots import plot_final_weights, plot_weight_history
 from adl.train.probe import fit_head
-from adl.train.rundir import prepare_out, publish, save_head, write_history
+from adl.train.rundir import prepare_out, publish, save_head, write_config, write_history
 from adl.train.trainer import FitResult, TrainingDiverged
 
 
@@ -122,7 +122,7 @@ def run_train(cfg: TrainConfig, *, console: Console | None = None) -> dict:
     cache = open_cache(cfg.cache)
     configs = candidates(cfg, cache)
     final = Path(configs[0].out)
-    out = prepare_out(configs[0].out, configs[0].overwrite)
+    out = prepare_out(configs[0].out, configs[0].overwrite, "train")
     if len(configs) > 1:
         names = [c.head + (" (tokens)" if c.head == "adalayers" else "") for c in configs]
         console.print(f"head: the best on validation of {', '.join(names[:-1])} and {names[-1]}, with the "
@@ -137,8 +137,8 @@ def run_train(cfg: TrainConfig, *, console: Console | None = None) -> dict:
     if len(tried) > 1:
         scores = ", ".join(f"{t.cfg.head} {t.result.validation[metric]:.4f}" for t in tried)
         console.print(f"kept {cfg.head} (validation {metric}: {scores})", highlight=False, soft_wrap=True)
-    write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "cache_hash": cache.hash,
-                                     "adl_version": __version__, "view": view})
+    write_config(out, "train", {"config": dataclasses.asdict(cfg), "cache_hash": cache.hash,
+                                "adl_version": __version__, "view": view})
     if (cache.root / "projection.safetensors").is_file() and view == "tokens":
         shutil.copyfile(cache.root / "projection.safetensors", out / "projection.safetensors")
     save_head(out, best.head, {**best.info, "epoch": result.best_epoch})

@@ -2,7 +2,8 @@
 
 A run folder (``adl train --out R``, ``adl finetune``, ``adl train --baselines``) holds:
 
-    config.json                {"config": resolved config, "cache_hash", "adl_version", "view"}
+    config.json                {"adl_run": "train" | "finetune" | "baselines" (the marker), "config":
+                               resolved config, "cache_hash", "adl_version", "view"}
     metrics.json               validation (best epoch) and test metrics (``adl.train.run``)
     history.csv                per epoch: loss, val_<metric>..., lr, seconds, w_<layer>...
     head.safetensors           the head's tensors (contiguous, CPU; no pickles)
@@ -21,7 +22,9 @@ The spec alone rebuilds the head module, including whether its mix applies GELU
 
 A run is written aside, in ``<out>.partial/``, and swapped in whole when it finishes
 (``prepare_out``, ``publish``): an existing run is replaced entirely or not at all. adl
-replaces or deletes only folders holding nothing but the files above.
+replaces or deletes only its own run folders, recognised by their content: a config.json that
+carries adl's marker (written into the partial folder the moment it is made), and nothing but
+the files above. A user's folder that happens to hold a config.json is never adl's.
 """
 
 from __future__ import annotations
@@ -49,34 +52,57 @@ RUN_FILES = frozenset({"config.json", "metrics.json", "history.csv", "head.safet
                        "layer_weights_final.png", "baselines.csv", "baselines.png"})
 
 
-def _adl_written(path: Path) -> bool:
-    """True for a folder whose every entry is a file adl writes into run folders (or its temp files)."""
-    return all(p.name in RUN_FILES or (p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file())
-               for p in path.iterdir())
+MARK = "adl_run"  # config.json's field that makes a folder adl's own run; its value: the command's kind
 
 
-def prepare_out(out: str, overwrite: bool) -> Path:
-    """The partial folder a new run is written into (``<out>.partial``, fresh); refuse an ``out``
-    that exists unless ``overwrite``, and any folder that holds files adl did not write."""
+def write_config(folder: Path, kind: str, doc: dict | None = None) -> None:
+    """config.json, marked as adl's (``{"adl_run": kind, ...doc}``)."""
+    write_json(folder / "config.json", {MARK: kind, **(doc or {})})
+
+
+def not_adl_written(path: Path) -> list[str]:
+    """What in folder ``path`` adl did not write: its entries other than run files (or adl's temp
+    files), and config.json when it lacks adl's marker. Empty for an empty folder."""
+    entries = list(path.iterdir())
+    foreign = [p.name for p in entries
+               if not (p.name in RUN_FILES or (p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file()))]
+    if entries and not foreign:
+        try:
+            marked = isinstance(read_json(path / "config.json").get(MARK), str)
+        except (OSError, ValueError, AttributeError):  # missing, unreadable, or not a JSON object
+            marked = False
+        foreign += [] if marked else ["config.json without adl's marker" if (path / "config.json").exists()
+                                      else "no config.json of adl's"]
+    return foreign
+
+
+def prepare_out(out: str, overwrite: bool, kind: str) -> Path:
+    """The partial folder a new run of ``kind`` is written into (``<out>.partial``, fresh and
+    marked at once); refuse an ``out`` that exists unless ``overwrite``, and any folder adl did
+    not write (``not_adl_written``)."""
     path = Path(out)
     refuse_unsafe_out(path, "runs/NAME")
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise AdlError(f"run folder {path} already exists; pass --overwrite to replace it or choose another --out")
-        if not _adl_written(path):
-            raise AdlError(f"--out {path} holds files adl did not write; adl replaces only its own run folders: "
-                           "choose another --out")
+        foreign = not_adl_written(path)
+        if foreign:
+            raise AdlError(f"--out {path} holds files adl did not write ({', '.join(foreign[:3])}); adl replaces "
+                           "only its own run folders: choose another --out")
+    for aside in (path.with_name(path.name + ".partial"), path.with_name(path.name + ".replaced")):
+        if aside.is_symlink() or (aside.exists() and not (aside.is_dir() and not not_adl_written(aside))):
+            raise AdlError(f"{aside} exists and is not an unfinished adl run; move it away or choose another --out")
+        if aside.exists():
+            shutil.rmtree(aside)
     partial = path.with_name(path.name + ".partial")
-    if partial.is_symlink() or (partial.exists() and not (partial.is_dir() and _adl_written(partial))):
-        raise AdlError(f"{partial} exists and is not an unfinished adl run; move it away or choose another --out")
-    if partial.exists():
-        shutil.rmtree(partial)
     partial.mkdir(parents=True)
+    write_config(partial, kind)
     return partial
 
 
 def publish(partial: Path, out: Path) -> None:
-    """Swap the finished run in: the old run (adl-written, checked by prepare_out) goes whole."""
+    """Swap the finished run in: the old run (adl-written, checked by prepare_out) goes whole
+    (through ``<out>.replaced``, which prepare_out cleared)."""
     old = out.with_name(out.name + ".replaced")
     if out.is_dir():
         if old.exists():
