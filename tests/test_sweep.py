@@ -205,7 +205,7 @@ def test_resume_after_a_killed_sweep_keeps_finished_trials(caches, tmp_path, mon
     assert result["ran"] == 4 and len(complete) == 8  # the 4 killed points rerun, nothing else
     assert sorted(t.user_attrs["adl_point"] for t in complete) == list(range(8))  # every point once
     assert {t.number: t.user_attrs["adl_result"] for t in complete if t.number in first} == first
-    assert sum(t.state.name == "FAIL" for t in trials) == 4
+    assert sum(t.state.name == "FAIL" and t.user_attrs.get("adl_released") != "surplus" for t in trials) == 4
     assert sweep_run.run_sweep(cfg)["ran"] == 0  # a finished sweep reruns nothing
     with open(out / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 8
@@ -232,16 +232,16 @@ def test_a_live_worker_is_not_failed_and_a_stale_owner_carries_on(caches, tmp_pa
     meanwhile drops its result with one line and finishes the sweep."""
     out = tmp_path / "s"
     cfg = sweep_cfg(caches["seq"], out, {"alpha": "1,8"}, group_size=1)
-    real_run, seen = sweep_run.Worker.run, []
+    real_finish, seen = SweepStudy.finish, []
 
-    def peer_fails_my_trial(self, jobs):  # as if a peer judged this worker dead during the group
-        real_run(self, jobs)
+    def peer_fails_my_trial(self, trial, *args):  # as if a peer judged this worker dead during the group
         if not seen:
-            seen.append(jobs[0].trial.number)
+            seen.append(trial.number)
             study = optuna.load_study(study_name=out.name, storage=f"sqlite:///{out / 'study.db'}")
-            study.tell(jobs[0].trial.number, state=optuna.trial.TrialState.FAIL)
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        return real_finish(self, trial, *args)
 
-    monkeypatch.setattr(sweep_run.Worker, "run", peer_fails_my_trial)
+    monkeypatch.setattr(SweepStudy, "finish", peer_fails_my_trial)
     result = sweep_run.run_sweep(cfg)
     states = {t.number: t.state.name for t in _trials(out)}
     assert states[seen[0]] == "FAIL" and result["ran"] == 2

@@ -144,6 +144,9 @@ class SweepConfig:
     storage: str | None = field(default=None, metadata={"help": "Optuna storage URL (default sqlite in --out)"})
     study: str | None = field(default=None, metadata={"help": "study name (default: the --out folder's name)"})
     group_size: int = field(default=16, metadata={"help": "configurations trained together (1 = one by one)"})
+    checkpoint_every_s: float = field(default=60.0, metadata={
+        "help": "checkpoint a running group at the end of an epoch once this many seconds passed since the last "
+                "(0: every epoch)"})
     vectorise: bool = field(default=True, metadata={"help": "train a group in one vmapped pass (else fit each)"})
     baselines: str = field(default="auto", metadata={"help": "auto (read or train), off, or a baselines.csv path"})
     top: int = field(default=10, metadata={"help": "rows of the top-configurations table"})
@@ -174,6 +177,8 @@ class SweepConfig:
         if self.baselines not in ("auto", "off") and not Path(self.baselines).exists():
             raise AdlError(f"--baselines {self.baselines}: no such file; give a baselines.csv (or its folder), "
                            "auto or off")
+        if not self.checkpoint_every_s >= 0:
+            raise AdlError(f"--checkpoint-every-s must be >= 0 seconds (got {self.checkpoint_every_s})")
         if self.group_size < 1 or self.top < 1:
             raise AdlError("--group-size and --top must be >= 1")
 

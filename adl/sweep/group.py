@@ -123,14 +123,18 @@ class Group:
         """Row j of a leaf (or of its optimizer moments), shaped as in the head."""
         return leaf.select(2, j).transpose(-1, -2) if self._dim(name) == 2 else leaf[j]
 
-    def _run(self, rows: list[int]) -> None:
+    def _run(self, rows: list[int], moments: dict | None = None) -> None:
         """Make ``rows`` the running configurations: the weights go back to the heads, then into
         stacked leaves again, one ``_Part`` per (lr, weight decay), so that a grid over one or two
         lrs steps one or two fused AdamW group pairs over stacked tensors; the optimizer moments
         travel with their configuration. The stack runs in part order (``order``); ``back`` maps
         each running row to its place there. What does not train (buffers, frozen parameters such
-        as a fixed layer's logits) is stacked once here."""
-        moments = self._sync()
+        as a fixed layer's logits) is stacked once here. ``moments`` (from a checkpoint) stand in
+        for the current ones."""
+        moments = self._sync() if moments is None else moments
+        if not rows:  # every configuration stopped: the heads hold the weights, nothing steps any more
+            self.parts, self.rows, self.order, self.back = [], [], [], []
+            return
         key = {r: (self.lrs[r], self.cfgs[r].weight_decay) for r in rows}
         self.parts = [_Part([r for r in rows if key[r] == k], {}) for k in dict.fromkeys(key.values())]
         self.rows, self.order = rows, [r for part in self.parts for r in part.rows]
@@ -275,13 +279,23 @@ class Group:
     def keep(self, positions: list[int]) -> None:
         self._run([self.rows[p] for p in positions])
 
-    def restore(self, configs: list[int], states: list[dict]) -> None:
-        self._sync()
-        for r, state in zip(configs, states):
-            self.heads[r].load_state_dict(state)
-        self.parts = []  # the heads hold the weights now; no moments to carry (no more steps)
-        if configs:
-            self._run(configs)
+    def final(self, config: int, state: dict) -> nn.Module:
+        self.heads[config].load_state_dict(state)  # a stopped configuration: no longer in the stacked leaves
+        return self.heads[config]
+
+    def state(self) -> dict:
+        """The running configurations' weights and AdamW moments (per configuration, so a
+        checkpoint does not depend on how the leaves are parted) and every lr."""
+        moments = self._sync()
+        return {"rows": list(self.rows), "lrs": dict(self.lrs), "moments": moments,
+                "heads": {r: self.heads[r].state_dict() for r in self.rows}}
+
+    def load_state(self, state: dict) -> None:
+        for r, sd in state["heads"].items():
+            self.heads[r].load_state_dict(sd)
+        self.lrs.update(state["lrs"])
+        self.parts = []
+        self._run(state["rows"], moments=state["moments"])
 
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -294,17 +308,20 @@ class _Part:
     leaves: dict[str, nn.Parameter]  # name -> (len(rows), ...) or, for the mix's W, (L, D, len(rows), k)
 
 
-def fit_group(heads: list[nn.Module], data: TrainData, cfgs, *, on_epoch=None) -> list[FitResult | TrainingDiverged]:
+def fit_group(heads: list[nn.Module], data: TrainData, cfgs, *, on_epoch=None, on_done=None, checkpoint=None,
+              resume=None) -> list[FitResult | TrainingDiverged | None]:
     """Train ``heads[i]`` with ``cfgs[i]`` (resolved TrainConfigs with one ``group_key``) together.
 
-    ``on_epoch(i, row)`` as in ``fit_all`` (True stops configuration i, "pruned"). Returns one
-    FitResult per configuration (heads[i] holds its restored best weights), or a
-    TrainingDiverged for a configuration whose loss became non-finite.
+    ``on_epoch(i, row)``, ``on_done(i, result)``, ``checkpoint`` and ``resume`` as in ``fit_all``.
+    Returns one FitResult per configuration (heads[i] holds its restored best weights), or a
+    TrainingDiverged for a configuration whose loss became non-finite (None: finished before
+    the ``resume`` point).
     """
     if len({group_key(c) for c in cfgs}) != 1 or len(heads) != len(cfgs) or not heads:
         raise ValueError("fit_group needs one head per config and configs that share group_key")  # a bug
     with _vmap_friendly():
-        return fit_all(Group(heads, cfgs, data.train.device), data, cfgs, heads, on_epoch=on_epoch)
+        return fit_all(Group(heads, cfgs, data.train.device), data, cfgs, heads, on_epoch=on_epoch, on_done=on_done,
+                       checkpoint=checkpoint, resume=resume)
 
 
 @contextlib.contextmanager

@@ -55,6 +55,7 @@ import socket
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -64,6 +65,8 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from adl.errors import AdlError
+from adl.sweep import liveness
+from adl.sweep.resume import Adoption, Resume
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -272,6 +275,7 @@ class SweepStudy:
         self.study_id = self.storage.get_study_id_from_name(self.study.study_name)
         self.rdb = isinstance(self.storage, optuna.storages.RDBStorage)
         self._carry = None  # a claimed trial of another shape, first in the next batch
+        self.lock = liveness.WorkerLock()  # released by the kernel if this process dies
         self.heartbeat = Heartbeat(self)
 
     def _check(self, meta: dict) -> None:
@@ -289,19 +293,20 @@ class SweepStudy:
                            "rerun that sweep's exact command, or use a new --out (or --study)")
 
     # -- heartbeat and resume -------------------------------------------------------------
-    def _trial_id(self, number: int) -> int:
+    def trial_id(self, number: int) -> int:
         return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
 
     def beat(self, number: int) -> None:
         """One heartbeat of trial ``number`` (see the module docstring)."""
         if self.rdb:
-            self.storage.record_heartbeat(self._trial_id(number))
+            self.storage.record_heartbeat(self.trial_id(number))
         else:
-            self.storage.set_trial_user_attr(self._trial_id(number), "adl_heartbeat", time.time())
+            self.storage.set_trial_user_attr(self.trial_id(number), "adl_heartbeat", time.time())
 
     def recover(self) -> int:
         """Fail the stale RUNNING trials of other workers and re-queue them; returns how many."""
         before = self._waiting()
+        self._fail_dead_local()
         if self.rdb:
             optuna.storages.fail_stale_trials(self.study)  # Optuna's heartbeat; RETRY re-queues
         now = time.time()
@@ -314,12 +319,23 @@ class SweepStudy:
                 self._fail_and_requeue(t, "stale: no heartbeat")
         return max(0, self._waiting() - before)
 
+    def _fail_dead_local(self) -> None:
+        """Fail and re-queue at once the trials of workers of this machine that died (``liveness``)."""
+        dead = {}
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            name = t.user_attrs.get("adl_lock")
+            if t.number not in self.heartbeat.held and name and dead.setdefault(name, liveness.dead(name)):
+                self._fail_and_requeue(t, "dead: its worker on this machine stopped")
+        for name, gone in dead.items():
+            if gone:
+                liveness.forget(name)
+
     def _waiting(self) -> int:
         return len(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
     def _fail_and_requeue(self, frozen, why: str) -> None:
         try:
-            self.storage.set_trial_user_attr(self._trial_id(frozen.number), "adl_released", why)
+            self.storage.set_trial_user_attr(self.trial_id(frozen.number), "adl_released", why)
             self.study.tell(frozen.number, state=TrialState.FAIL)
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):
             return  # finished meanwhile, or another worker got there first
@@ -331,7 +347,7 @@ class SweepStudy:
             trials, self._carry = list(trials) + [self._carry], None
         for trial in trials:
             self.heartbeat.held.discard(trial.number)
-            frozen = self.storage.get_trial(self._trial_id(trial.number))
+            frozen = self.storage.get_trial(self.trial_id(trial.number))
             if frozen.state == TrialState.RUNNING:
                 self._fail_and_requeue(frozen, "worker interrupted")
 
@@ -345,50 +361,63 @@ class SweepStudy:
 
     def close(self) -> None:
         self.heartbeat.stop()
+        self.lock.release()
 
     # -- claiming ----------------------------------------------------------------------------
-    def claim(self, max_n: int) -> list:
-        """Up to ``max_n`` trials (optuna Trial objects, params suggested) for this worker."""
-        return self._claim_grid(max_n) if self.space.search == "grid" else self._claim_tpe(max_n)
-
-    def _claim_grid(self, max_n: int) -> list:
-        out = [self._carry] if self._carry is not None else []
-        self._carry = None
-        points = self.space.points
-        if not out and not self._grid_left(len(points)):
-            return []
+    def claim(self, max_n: int) -> "Claim":
+        """Up to ``max_n`` trials (optuna Trial objects, params suggested) for this worker; or,
+        when it pops a trial of a dead worker's checkpointed group and wins that group, the whole
+        group to resume (``Claim.resume``, see adl.sweep.resume)."""
+        out: list = []
         while len(out) < max_n:
+            trial, self._carry = self._carry or self._next(first=not out), None
+            if trial is None:
+                break
+            ck = trial.user_attrs.get("adl_checkpoint")
+            if out and (ck or self._other_shape(trial, out[0])):
+                self._carry = trial
+                break
+            if ck:
+                resume = Adoption(self, trial, ck).run(patience_s=max(2 * GRACE_S, 10.0))
+                if resume is not None:
+                    return Claim(resume.trials, resume)
+                continue  # handed over to the worker that owns that group
+            out.append(trial)
+        return Claim(out)
+
+    def _other_shape(self, trial, first) -> bool:
+        return self.space.search == "grid" and \
+            self.space.shape_of(trial.user_attrs["adl_point"]) != self.space.shape_of(first.user_attrs["adl_point"])
+
+    def _next(self, first: bool):
+        """One more trial, asked, tagged and with its parameters; None when there is none to ask."""
+        if self.space.search == "grid":
+            n = len(self.space.points)
+            if first and not self._grid_left(n):
+                return None
             trial = self._ask()
-            idx = self._point(trial, len(points))
+            idx = self._point(trial, n)
             if idx is None:  # grid exhausted between the check and the ask: give this one back
                 trial.set_user_attr("adl_released", "surplus")
                 self.heartbeat.held.discard(trial.number)
                 self.study.tell(trial, state=TrialState.FAIL)
-                break
+                return None
             self._tag(trial, idx)
             for name, values in self.space.grid.items():
                 trial.suggest_categorical(name, values)
-            if out and self.space.shape_of(idx) != self.space.shape_of(out[0].user_attrs["adl_point"]):
-                self._carry = trial
-                break
-            out.append(trial)
-        return out
+            return trial
+        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        if len(self.study.get_trials(deepcopy=False, states=states)) >= self.space.trials:
+            return None  # (counts this worker's claimed trials too: they are RUNNING)
+        trial = self._ask()
+        self._tag(trial, None)
+        for name, dim in self.space.dims.items():
+            dim.suggest(trial, name)
+        return trial
 
     def _grid_left(self, n: int) -> bool:
         trials = self.study.get_trials(deepcopy=False)
         return len(trials) < n or any(t.state == TrialState.WAITING for t in trials)
-
-    def _claim_tpe(self, max_n: int) -> list:
-        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-        taken = len(self.study.get_trials(deepcopy=False, states=states))
-        out = []
-        while len(out) < max_n and taken + len(out) < self.space.trials:
-            trial = self._ask()
-            self._tag(trial, None)
-            for name, dim in self.space.dims.items():
-                dim.suggest(trial, name)
-            out.append(trial)
-        return out
 
     def _ask(self):
         """study.ask(), beaten at once (before it is tagged: see the module docstring)."""
@@ -400,15 +429,43 @@ class SweepStudy:
     def _point(self, trial, n: int) -> int | None:
         """The grid point of a claimed trial (``grid_point``). A queued copy that took a number
         below n displaces point ``number``, which this worker queues (only it holds that number)."""
-        idx = grid_point(self.storage.get_trial(self._trial_id(trial.number)))
+        idx = grid_point(self.storage.get_trial(self.trial_id(trial.number)))
         if idx != trial.number and trial.number < n:
             self.study.enqueue_trial(self.space.points[trial.number], user_attrs={"adl_point": trial.number})
         return idx if idx < n else None
 
     def _tag(self, trial, idx) -> None:
         trial.set_user_attr("adl_worker", self.worker)
+        trial.set_user_attr("adl_lock", self.lock.name)
         if idx is not None and "adl_point" not in trial.user_attrs:
             trial.set_user_attr("adl_point", idx)
+
+    # -- a dead worker's group (adl.sweep.resume) ------------------------------------------------
+    def pop(self, number: int):
+        """Trial ``number`` if it was WAITING and this worker popped it (atomic in every storage)."""
+        tid = self.trial_id(number)
+        if not self.storage.set_trial_state_values(tid, TrialState.RUNNING):
+            return None
+        return self.take(number)
+
+    def take(self, number: int):
+        """Hold trial ``number`` (RUNNING): beat it, tag it, and return it as an optuna Trial."""
+        self.beat(number)
+        self.heartbeat.held.add(number)
+        trial = optuna.trial.Trial(self.study, self.trial_id(number))
+        self._tag(trial, None)
+        return trial
+
+    def hand_over(self, number: int, tag: str) -> None:
+        """Leave held trial ``number`` to the worker that owns its group (it takes it by ``tag``)."""
+        self.storage.set_trial_user_attr(self.trial_id(number), "adl_handover", tag)
+        self.heartbeat.held.discard(number)
+
+    def tag_group(self, trials: list, location: str) -> None:
+        """Mark a starting group's trials with its checkpoint (``adl_checkpoint``), row by row."""
+        ck = {"path": location, "trials": [t.number for t in trials]}
+        for t in trials:
+            self.storage.set_trial_user_attr(self.trial_id(t.number), "adl_checkpoint", ck)
 
     # -- telling -----------------------------------------------------------------------------
     def finish(self, trial, record: dict, value: float | None, state: TrialState) -> bool:
@@ -427,6 +484,14 @@ class SweepStudy:
 
     def progress(self) -> dict:
         return study_progress(self.study)
+
+
+@dataclass
+class Claim:
+    """What ``SweepStudy.claim`` hands a worker: trials to train, and a group to resume (or None)."""
+
+    trials: list
+    resume: Resume | None = None
 
 
 def study_records(study) -> list[dict]:

@@ -159,8 +159,11 @@ class Learner(Protocol):
     def predict(self, split: SplitData, batch_size: int) -> list[np.ndarray]: ...  # class ids, cache order
     def weights(self) -> np.ndarray: ...  # (n, L) layer weights
     def snapshot(self, i: int) -> dict: ...  # a copy of running configuration i's state_dict
-    def keep(self, positions: list[int]) -> None: ...  # only these running configurations go on
-    def restore(self, configs: list[int], states: list[dict]) -> None: ...  # these (0..G-1) run, with states
+    def keep(self, positions: list[int]) -> None: ...  # only these running configurations go on (maybe none)
+    def final(self, config: int, state: dict) -> nn.Module: ...  # config (0..G-1, stopped) as a head with state
+    def state(self) -> dict: ...  # what the next epoch needs (weights, optimizer moments), as tensors
+    def load_state(self, state: dict) -> None: ...  # continue from ``state()``
+    amp: torch.dtype | None  # the autocast dtype its predictions run under
 
 
 def snapshot(head: nn.Module) -> dict:
@@ -211,9 +214,17 @@ class Solo:
     def keep(self, positions: list[int]) -> None:
         pass  # one configuration: fit_all stops when it stops
 
-    def restore(self, configs: list[int], states: list[dict]) -> None:
-        if states:
-            self.head.load_state_dict(states[0])
+    def final(self, config: int, state: dict) -> nn.Module:
+        self.head.load_state_dict(state)
+        return self.head
+
+    def state(self) -> dict:
+        return {"head": self.head.state_dict(), "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state(self, state: dict) -> None:
+        self.head.load_state_dict(state["head"])
+        self.opt.load_state_dict(state["opt"])
+        self.scaler.load_state_dict(state["scaler"])
 
 
 def labelled_examples(split: SplitData) -> np.ndarray:
@@ -239,7 +250,10 @@ def fit(head: nn.Module, data: TrainData, cfg, *, on_epoch: Callable[[int, dict]
 
 def fit_all(learner: Learner, data: TrainData, cfgs: list, heads: list[nn.Module], *,
             on_epoch: Callable[[int, dict], bool | None] | None = None,
-            on_best: Callable[[int, int], None] | None = None) -> list[FitResult | TrainingDiverged]:
+            on_best: Callable[[int, int], None] | None = None,
+            on_done: Callable[[int, "FitResult | TrainingDiverged"], None] | None = None,
+            checkpoint: Callable[[int, Callable[[], dict]], None] | None = None,
+            resume: dict | None = None) -> list[FitResult | TrainingDiverged | None]:
     """The training loop of every head: ``learner`` trains configurations ``cfgs`` (``heads[i]``
     ends with configuration i's best weights).
 
@@ -248,64 +262,135 @@ def fit_all(learner: Learner, data: TrainData, cfgs: list, heads: list[nn.Module
     the best state (then ``on_best(i, epoch)``), then ``on_epoch(i, row)``: returning True stops
     configuration i ("pruned"). A configuration stops after ``patience`` epochs without a better
     validation score, at its ``max_epochs``, or when its loss is not finite (its result is then a
-    TrainingDiverged). At the end each one's best state is restored and the test split scored
-    once. ``seconds`` (per row and in total) is the wall time divided by the configurations sharing it.
+    TrainingDiverged). A configuration that stops is finished at once, while the others train
+    on: its best state is restored, the test split scored, and ``on_done(i, result)`` called.
+    ``seconds`` (per row and in total) is the wall time divided by the configurations sharing it.
+
+    Then ``checkpoint(epoch, state)``: ``state()`` is everything the loop and the learner carry
+    into the next epoch (``LoopState``; plain values and tensors, for ``torch.save``), and
+    ``resume=state()`` continues from there exactly as if never stopped (RNG streams included).
+    Configurations finished before that epoch come back as None.
     """
-    G, metric = len(cfgs), selection_metric(data.task)
-    torch.manual_seed(cfgs[0].seed)  # the dropout stream
-    stand_ins = [torch.optim.SGD([torch.zeros(1)], lr=c.lr) for c in cfgs]  # hold each lr for its scheduler
-    scheds = [torch.optim.lr_scheduler.ReduceLROnPlateau(o, mode="max", factor=0.5, patience=c.lr_patience)
-              for o, c in zip(stand_ins, cfgs)]
-    best, best_epoch, best_val, best_state = [-math.inf] * G, [0] * G, [None] * G, [None] * G
-    history, stop, diverged = [[] for _ in range(G)], [None] * G, [None] * G
-    rows, start = list(range(G)), time.perf_counter()
-    for epoch in range(1, max(c.max_epochs for c in cfgs) + 1):
-        t0 = time.perf_counter()
-        lrs = [stand_ins[r].param_groups[0]["lr"] for r in rows]
+    metric = selection_metric(data.task)
+    loop = LoopState(cfgs, metric) if resume is None else LoopState.load(resume, cfgs, metric, learner)
+    results: list[FitResult | TrainingDiverged | None] = [None] * len(cfgs)
+    for epoch in range(loop.epoch + 1, max(c.max_epochs for c in cfgs) + 1):
+        t0, rows = time.perf_counter(), loop.rows
+        lrs = [loop.lr(r) for r in rows]
         learner.set_lr(lrs)
         losses = learner.train_epoch(data.train, cfgs[0].batch_size, epoch)
         preds = learner.predict(data.validation, cfgs[0].batch_size)
         weights = learner.weights()
         seconds = (time.perf_counter() - t0) / len(rows)
         for i, r in enumerate(rows):
-            if not math.isfinite(losses[i]):
-                diverged[r] = TrainingDiverged(_diverged_message(losses[i], epoch, lrs[i], best_epoch[r]), epoch,
-                                               best_epoch[r] or None)
-                stop[r] = "diverged"
+            if loop.step(learner, data, i, r, epoch, losses[i], preds[i], weights[i], lrs[i], seconds, on_best):
                 continue
-            val = score(preds[i], data.validation, data.label_names)
-            scheds[r].step(val[metric])
-            row = {"epoch": epoch, "loss": losses[i], **_scalars(val, "val_"), "lr": lrs[i], "seconds": seconds,
-                   **{f"w_{l}": float(v) for l, v in zip(data.layers, weights[i])}}
-            history[r].append(row)
-            if val[metric] > best[r]:
-                best[r], best_epoch[r], best_val[r], best_state[r] = val[metric], epoch, val, learner.snapshot(i)
-                if on_best is not None:
-                    on_best(r, epoch)
-            if on_epoch is not None and on_epoch(r, row):
-                stop[r] = "pruned"
-            elif epoch - best_epoch[r] >= cfgs[r].patience:
-                stop[r] = f"early stop: no better validation {metric} for {cfgs[r].patience} epochs"
+            if on_epoch is not None and on_epoch(r, loop.history[r][-1]):
+                loop.stop[r] = "pruned"
+            elif epoch - loop.best_epoch[r] >= cfgs[r].patience:
+                loop.stop[r] = f"early stop: no better validation {loop.metric} for {cfgs[r].patience} epochs"
             elif epoch >= cfgs[r].max_epochs:
-                stop[r] = "max_epochs"
-        running = [r for r in rows if stop[r] is None]
-        if not running:
+                loop.stop[r] = "max_epochs"
+        loop.epoch, loop.rows = epoch, [r for r in rows if loop.stop[r] is None]
+        if len(loop.rows) < len(rows):
+            learner.keep([rows.index(r) for r in loop.rows])
+            for r in rows:
+                if loop.stop[r] is not None:
+                    results[r] = loop.finish(learner, data, heads, r)
+                    if on_done is not None:
+                        on_done(r, results[r])
+        if not loop.rows:
             break
-        if len(running) < len(rows):
-            learner.keep([rows.index(r) for r in running])
-            rows = running
-    ok = [r for r in range(G) if diverged[r] is None]
-    learner.restore(ok, [best_state[r] for r in ok])
-    tests = learner.predict(data.test, cfgs[0].batch_size) if ok and data.test is not None else [None] * len(ok)
-    weights = learner.weights() if ok else []
-    seconds = (time.perf_counter() - start) / G
-    results: list[FitResult | TrainingDiverged] = list(diverged)
-    for r, pred, w in zip(ok, tests, weights):
-        results[r] = FitResult(history[r], best_epoch[r], best_val[r],
-                               None if pred is None else score(pred, data.test, data.label_names), metric, stop[r],
-                               seconds, trainable_params(heads[r]), [float(v) for v in w],
-                               [int(j) for j in np.flatnonzero(w > 0)])
+        if checkpoint is not None:
+            checkpoint(epoch, lambda: loop.state(learner))
     return results
+
+
+class LoopState:
+    """What ``fit_all`` carries from one epoch to the next, per configuration r: the stand-in
+    optimizer holding its lr and its ReduceLROnPlateau, best score / epoch / validation metrics /
+    state, history, stop reason; the running ``rows`` and the last finished ``epoch``."""
+
+    def __init__(self, cfgs: list, metric: str):
+        G = len(cfgs)
+        self.cfgs, self.metric = cfgs, metric
+        torch.manual_seed(cfgs[0].seed)  # the dropout stream
+        self.stand_ins = [torch.optim.SGD([torch.zeros(1)], lr=c.lr) for c in cfgs]  # hold each lr
+        self.scheds = [torch.optim.lr_scheduler.ReduceLROnPlateau(o, mode="max", factor=0.5, patience=c.lr_patience)
+                       for o, c in zip(self.stand_ins, cfgs)]
+        self.best, self.best_epoch, self.best_val = [-math.inf] * G, [0] * G, [None] * G
+        self.best_state: list[dict | None] = [None] * G
+        self.history, self.stop, self.diverged = [[] for _ in range(G)], [None] * G, [None] * G
+        self.rows, self.epoch, self.start = list(range(G)), 0, time.perf_counter()
+
+    def lr(self, r: int) -> float:
+        return self.stand_ins[r].param_groups[0]["lr"]
+
+    def step(self, learner, data, i, r, epoch, loss, pred, weights, lr, seconds, on_best) -> bool:
+        """Score configuration r's epoch (running position i); True when its loss diverged."""
+        if not math.isfinite(loss):
+            self.diverged[r] = TrainingDiverged(_diverged_message(loss, epoch, lr, self.best_epoch[r]), epoch,
+                                                self.best_epoch[r] or None)
+            self.stop[r] = "diverged"
+            return True
+        val = score(pred, data.validation, data.label_names)
+        self.scheds[r].step(val[self.metric])
+        self.history[r].append({"epoch": epoch, "loss": loss, **_scalars(val, "val_"), "lr": lr, "seconds": seconds,
+                                **{f"w_{l}": float(v) for l, v in zip(data.layers, weights)}})
+        if val[self.metric] > self.best[r]:
+            self.best[r], self.best_epoch[r], self.best_val[r] = val[self.metric], epoch, val
+            self.best_state[r] = learner.snapshot(i)
+            if on_best is not None:
+                on_best(r, epoch)
+        return False
+
+    def finish(self, learner, data, heads, r: int) -> "FitResult | TrainingDiverged":
+        """Configuration r (stopped, no longer running) with its best state restored and scored on test."""
+        if self.diverged[r] is not None:
+            return self.diverged[r]
+        head = learner.final(r, self.best_state[r])
+        self.best_state[r] = None
+        test = None if data.test is None else score(predict(head, data.test, self.cfgs[r].batch_size, learner.amp),
+                                                     data.test, data.label_names)
+        w = layer_weights(head)
+        return FitResult(self.history[r], self.best_epoch[r], self.best_val[r], test, self.metric, self.stop[r],
+                         (time.perf_counter() - self.start) / len(self.cfgs), trainable_params(heads[r]),
+                         [float(v) for v in w], [int(j) for j in np.flatnonzero(w > 0)])
+
+    def state(self, learner) -> dict:
+        """Plain values and tensors: the loop, the learner (``learner.state()``) and the RNG streams."""
+        run = set(self.rows)
+        return {"epoch": self.epoch, "rows": list(self.rows),
+                "lr": [self.lr(r) for r in range(len(self.cfgs))], "sched": [s.state_dict() for s in self.scheds],
+                "best": list(self.best), "best_epoch": list(self.best_epoch),
+                "best_val": [v if r in run else None for r, v in enumerate(self.best_val)],
+                "best_state": [s if r in run else None for r, s in enumerate(self.best_state)],
+                "history": [h if r in run else [] for r, h in enumerate(self.history)], "stop": list(self.stop),
+                "seconds": time.perf_counter() - self.start, "learner": learner.state(), "rng": rng_state()}
+
+    @classmethod
+    def load(cls, state: dict, cfgs: list, metric: str, learner) -> "LoopState":
+        loop = cls(cfgs, metric)
+        for r, (lr, sched) in enumerate(zip(state["lr"], state["sched"])):
+            loop.stand_ins[r].param_groups[0]["lr"] = lr
+            loop.scheds[r].load_state_dict(sched)
+        for name in ("epoch", "rows", "best", "best_epoch", "best_val", "best_state", "history", "stop"):
+            setattr(loop, name, state[name])
+        loop.start -= state["seconds"]
+        learner.load_state(state["learner"])
+        set_rng_state(state["rng"])
+        return loop
+
+
+def rng_state() -> dict:
+    """The global torch RNG streams (dropout draws): CPU, and every CUDA device when there is one."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _diverged_message(loss: float, epoch: int, lr: float, best_epoch: int) -> str:

@@ -1,0 +1,135 @@
+"""Preemption: kill -9 a sweep worker in the middle of a group, rerun, and get the uninterrupted
+run's results bit for bit, having retrained at most one epoch; a damaged checkpoint is named and
+its group restarts from scratch; two workers racing for one dead group: exactly one resumes it.
+
+Real `python -m adl sweep` processes on a synthetic cache. The grace period is set far beyond
+the tests' time bounds: a rerun on this machine must see the dead worker by its OS lock and
+never wait for its heartbeat to go stale.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+from adl.sweep import checkpoint
+from synthetic import write_synthetic_cache
+
+# one shape, 8 configurations in one group; patience 1 stops some early (told at once)
+GRID = ["--alpha", "1,4", "--cutoff", "0,0.1", "--patience", "1,20"]
+FAST = ["--head", "adalayers-pooled", "--k", "8", "--hidden", "8", "--max-epochs", "12", "--lr", "0.003",
+        "--batch-size", "8", "--group-size", "8", "--baselines", "off", "--checkpoint-every-s", "0"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200",
+       "ADL_SWEEP_HEARTBEAT_S": "0.5", "ADL_SWEEP_GRACE_S": "3600"}
+TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return write_synthetic_cache(tmp_path_factory.mktemp("preempt") / "cache", n=(600, 64, 64), strength=0.3)
+
+
+@pytest.fixture(scope="module")
+def reference(cache, tmp_path_factory):
+    """The uninterrupted sweep's records, by grid point."""
+    out = tmp_path_factory.mktemp("reference") / "s"
+    proc = subprocess.run(_cmd(cache, out), env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return _records(out)
+
+
+def _cmd(cache, out):
+    return [sys.executable, "-m", "adl", "sweep", "--cache", str(cache), "--out", str(out), *GRID, *FAST]
+
+
+def _records(out) -> dict:
+    """{grid point: its told record without wall times}; asserts every point is COMPLETE once."""
+    study = optuna.load_study(study_name=out.name, storage=f"sqlite:///{out / 'study.db'}")
+    complete = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
+    points = sorted(t.user_attrs["adl_point"] for t in complete)
+    assert points == list(range(8)), points  # no point missing, none duplicated
+    records = {}
+    for t in complete:
+        rec = t.user_attrs["adl_result"]
+        rec["runs"] = [{k: v for k, v in run.items() if k != "seconds"} for run in rec["runs"]]
+        records[t.user_attrs["adl_point"]] = rec
+    return records
+
+
+def _kill_mid_group(cache, out, epoch: int = 3) -> tuple[int, int]:
+    """Start a worker, kill -9 it once its group's checkpoint holds ``epoch``; the epoch and the
+    running configurations of the checkpoint it left."""
+    victim = subprocess.Popen(_cmd(cache, out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, seen = time.time() + TIMEOUT, 0
+    try:
+        while time.time() < deadline and victim.poll() is None and seen < epoch:
+            for path in (out / "checkpoints").glob("*.ckpt"):
+                try:
+                    seen = max(seen, checkpoint.read(str(path))["epoch"])
+                except (checkpoint.CheckpointDamaged, TypeError, OSError):
+                    pass  # replaced while read
+            time.sleep(0.05)
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    assert seen >= epoch, "the worker finished (or never checkpointed) before it could be killed"
+    files = list((out / "checkpoints").glob("*.ckpt"))
+    assert len(files) == 1  # one checkpoint per running group
+    payload = checkpoint.read(str(files[0]))
+    return payload["epoch"], len(payload["state"]["rows"])
+
+
+def _rerun(cache, out, n: int = 1) -> list[str]:
+    procs = [subprocess.Popen(_cmd(cache, out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(n)]
+    outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * n, outputs
+    return outputs
+
+
+def _resumed(output: str) -> tuple[int, int]:
+    """(configurations resumed, configurations started fresh) from a worker's last line."""
+    m = re.search(r"resumed (\d+) configuration\(s\).*?, started (\d+) fresh", output, re.S)
+    assert m, output
+    return int(m[1]), int(m[2])
+
+
+def test_kill_9_mid_group_then_rerun_resumes_bit_for_bit(cache, reference, tmp_path):
+    out = tmp_path / "s"
+    at, running = _kill_mid_group(cache, out)
+    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{out / 'study.db'}").get_trials()
+    told = sum(t.state.name == "COMPLETE" for t in trials)  # configurations that stopped early, told at once
+    assert told >= 1 and all("adl_checkpoint" in t.user_attrs for t in trials)
+    (output,) = _rerun(cache, out)
+    assert f"from epoch {at}" in output  # at most the epoch in progress at the kill is trained again
+    assert _resumed(output) == (8 - told, 0) and running >= 8 - told
+    assert "waiting for" not in output  # the dead worker was seen by its lock, not after the grace period
+    assert _records(out) == reference  # bit for bit
+    assert not list((out / "checkpoints").glob("*"))  # deleted once the group was told
+
+
+def test_a_damaged_checkpoint_is_named_and_its_group_restarts(cache, reference, tmp_path):
+    out = tmp_path / "s"
+    _kill_mid_group(cache, out, epoch=2)
+    (path,) = (out / "checkpoints").glob("*.ckpt")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated
+    (output,) = _rerun(cache, out)
+    assert f"warning: checkpoint {path} is damaged" in " ".join(output.split())
+    assert "from scratch" in output
+    assert _resumed(output)[0] == 0
+    assert _records(out) == reference  # restarted from epoch 0, never from garbage
+
+
+def test_two_workers_racing_for_one_dead_group_exactly_one_resumes_it(cache, reference, tmp_path):
+    out = tmp_path / "s"
+    _kill_mid_group(cache, out)
+    outputs = _rerun(cache, out, n=2)
+    counts = [_resumed(o) for o in outputs]
+    assert sorted(c[0] > 0 for c in counts) == [False, True], outputs  # exactly one resumed the group
+    assert sum(c[1] for c in counts) == 0  # nobody trained its configurations again from scratch
+    assert _records(out) == reference
