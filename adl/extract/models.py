@@ -75,13 +75,17 @@ def select_device(requested: str = "auto") -> DevicePlan:
     return DevicePlan(device, dtype, True)
 
 
-def load_config(model_id: str, trust_remote_code: bool = False):
-    """The model's transformers config; unreachable or unknown models are one clear error."""
+def load_config(model_id: str, trust_remote_code: bool = False, revision: str | None = None):
+    """The model's transformers config; unreachable or unknown models are one clear error.
+
+    ``revision``: the hub commit to read (None: the newest; a local folder has none). The config
+    loaded first pins it: tokenizer and weights then load at ``ModelInfo.revision``, so all three
+    come from one snapshot even if the hub moves on meanwhile."""
     from transformers import AutoConfig
 
     _check_local(model_id)
     try:
-        return AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code, revision=revision)
     except OSError as e:
         raise _not_found(model_id, e) from None
     except ValueError as e:
@@ -194,15 +198,16 @@ def config_hashes(config) -> set[str]:
     return {config_hash(config), config_hash(plain)}
 
 
-def load_tokenizer(model_id: str, task: str, trust_remote_code: bool = False):
+def load_tokenizer(model_id: str, task: str, trust_remote_code: bool = False, revision: str | None = None):
     """A fast tokenizer (word ids are needed for NER); byte-level BPE gets a prefix space for
-    pre-split words, as RoBERTa/GPT-2 expect."""
+    pre-split words, as RoBERTa/GPT-2 expect. ``revision``: the hub commit (see ``load_config``)."""
     from transformers import AutoTokenizer
 
+    kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
     try:
-        tok = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(model_id, **kwargs)
         if task == "token" and getattr(tok, "add_prefix_space", True) is False:
-            tok = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code, add_prefix_space=True)
+            tok = AutoTokenizer.from_pretrained(model_id, add_prefix_space=True, **kwargs)
     except OSError as e:
         raise _not_found(model_id, e) from None
     except (ValueError, TypeError) as e:
@@ -221,9 +226,16 @@ def tokenizer_hash(tokenizer, ignore: tuple[str, ...] = ()) -> str:
     """sha256 of the tokenizer's files as loaded (what ``save_pretrained`` writes: vocabulary,
     merges, normaliser, special tokens, and load-time options such as add_prefix_space),
     without the keys that only record where and how it was loaded, nor the ``ignore`` keys
-    of tokenizer_config.json and tokenizer.json (where a call's padding and truncation stay)."""
+    of tokenizer_config.json and tokenizer.json. The truncation and padding a call leaves set on a
+    fast tokenizer are reset first: a tokenizer that has been used hashes as it did fresh."""
+    import copy
     import tempfile
 
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and (backend.truncation is not None or backend.padding is not None):
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.backend_tokenizer.no_truncation()
+        tokenizer.backend_tokenizer.no_padding()
     out = hashlib.sha256()
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
@@ -274,7 +286,7 @@ class Backbone:
 
     def __init__(self, info: ModelInfo, plan: DevicePlan, trust_remote_code: bool = False):
         self.info, self.plan = info, plan
-        self.model = _load_weights(info.id, trust_remote_code).to(plan.device).eval().requires_grad_(False)
+        self.model = _load_weights(info.id, trust_remote_code, info.revision).to(plan.device).eval().requires_grad_(False)
         cfg = self.model.config
         self.decoder_start = getattr(cfg, "decoder_start_token_id", None)
         if self.decoder_start is None:
@@ -308,13 +320,14 @@ class Backbone:
         return shifted
 
 
-def _load_weights(model_id: str, trust_remote_code: bool):
-    """AutoModel in fp32 (CUDA speed comes from autocast), SDPA attention where supported."""
+def _load_weights(model_id: str, trust_remote_code: bool, revision: str | None = None):
+    """AutoModel in fp32 (CUDA speed comes from autocast), SDPA attention where supported, at the
+    hub commit ``revision`` (the config's: see ``load_config``)."""
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    kwargs = {"trust_remote_code": trust_remote_code, "dtype": torch.float32}
+    kwargs = {"trust_remote_code": trust_remote_code, "dtype": torch.float32, "revision": revision}
     try:
         try:
             return AutoModel.from_pretrained(model_id, attn_implementation="sdpa", **kwargs)

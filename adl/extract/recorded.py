@@ -7,11 +7,14 @@ Predictor, ``adl finetune``) starts from the manifest's ``model`` entry, here an
   again (a package folder moves when the package is reinstalled);
 - which stack's states: the encoder's, or an encoder-decoder's decoder;
 - whether its code may run (``trust_remote_code``, as at extraction);
-- that it is the same model: its config hash must equal the recorded one.
+- that it is the same model: its config hash must equal the recorded one;
+- at the recorded hub revision: config, tokenizer and weights all load at that commit;
+- with the same tokenizer: ``check_tokenizer`` compares its fingerprint with the recorded one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +28,7 @@ from adl.extract.models import (
     load_config,
     load_tokenizer,
     resolve_model_id,
+    tokenizer_hash,
 )
 
 
@@ -35,14 +39,26 @@ class RecordedBackbone:
     model_id: str  # where it loads from now
     trust_remote_code: bool
     config: Any  # its transformers config
-    info: ModelInfo
+    info: ModelInfo  # info.revision: the recorded hub commit (None for a local folder)
 
     def load(self, plan: DevicePlan) -> Backbone:
         return Backbone(self.info, plan, self.trust_remote_code)
 
     def tokenizer(self, task: str):
-        """The extraction's tokenizer for ``task``."""
-        return load_tokenizer(self.model_id, task, self.trust_remote_code)
+        """The extraction's tokenizer for ``task``, at the recorded revision (check it with ``check_tokenizer``)."""
+        return load_tokenizer(self.model_id, task, self.trust_remote_code, self.info.revision)
+
+
+def check_tokenizer(manifest: dict, tokenizer, whose: str) -> None:
+    """AdlError (one line naming the field) when ``tokenizer`` is not the one the cache recorded in
+    ``manifest`` was extracted with: its fingerprint (``tokenizer_hash``: vocabulary, merges,
+    normaliser, special tokens, options) must equal ``tokenizer.sha256``. ``tokenizer`` must be
+    loaded for the manifest's task. Manifests from before the fingerprint was recorded pass."""
+    recorded = manifest.get("tokenizer", {}).get("sha256")
+    if recorded is not None and tokenizer_hash(tokenizer) != recorded:
+        raise AdlError(f"the tokenizer of {manifest['model']['id']} is not the one {whose} was extracted with "
+                       "(tokenizer.sha256 differs: its vocabulary, normaliser or options changed): install or point "
+                       "to the same tokenizer, or re-extract and retrain")
 
 
 def recorded_backbone(manifest: dict, whose: str) -> RecordedBackbone:
@@ -52,8 +68,10 @@ def recorded_backbone(manifest: dict, whose: str) -> RecordedBackbone:
     name = model.get("name")
     model_id = resolve_model_id(name) if name in (*ALIASES, "minilm") else model["id"]
     trust = bool(model.get("trust_remote_code", False))
-    config = load_config(model_id, trust)
+    revision = model.get("revision")
+    config = load_config(model_id, trust, revision)
     info = describe(model_id, config, model["states"] == "decoder" and model["family"] == "encoder-decoder")
+    info = dataclasses.replace(info, revision=revision)  # weights and tokenizer load at the recorded commit
     if info.config_hash != model["config_hash"]:
         raise AdlError(f"the backbone at {model_id} is not the one {whose} was made with (its config hash "
                        "differs): install or point to the same model")

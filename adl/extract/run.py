@@ -78,7 +78,7 @@ def run_extract(cfg: ExtractConfig) -> dict | None:
     hf_config = models.load_config(model_id, cfg.trust_remote_code)
     info = models.describe(model_id, hf_config, cfg.decoder)
     device = models.select_device(cfg.device)
-    tok = models.load_tokenizer(model_id, ds.task, cfg.trust_remote_code)
+    tok = models.load_tokenizer(model_id, ds.task, cfg.trust_remote_code, info.revision)
     ident = plan.identity(cfg, ds, info, device, num_shards, {"class": type(tok).__name__,
                                                                "sha256": models.tokenizer_hash(tok)})
     with plan.FolderLock(root) as folder:
@@ -273,6 +273,7 @@ def _manifest_fields(cfg, ds, info, device, tok, splits, resolved, proj, seconds
                   "family": info.family, "states": info.states, "type": info.model_type,
                   "num_hidden_states": info.num_hidden_states, "trust_remote_code": cfg.trust_remote_code},
         "tokenizer": {"name": str(getattr(tok, "name_or_path", info.id)), "class": type(tok).__name__,
+                      "sha256": models.tokenizer_hash(tok),  # checked where the heads run again (check_tokenizer)
                       "max_length": resolved["max_length"], "max_length_requested": cfg.max_length,
                       "truncated": {n: ts.truncated for n, ts in splits.items()}},
         "dataset": {"name": ds.name, "spec": ds.spec, "fingerprint": ds.fingerprint, "carving": ds.carving,

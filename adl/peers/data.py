@@ -17,7 +17,7 @@ import numpy as np
 from adl.errors import AdlError
 from adl.extract import models
 from adl.extract.datasets import Split, reread_dataset
-from adl.extract.recorded import RecordedBackbone, recorded_backbone
+from adl.extract.recorded import RecordedBackbone, check_tokenizer, recorded_backbone
 from adl.extract.tokenize import TokenizedSplit, collate, tokenize_split
 from adl.train.data import train_sample
 
@@ -94,6 +94,7 @@ def load_peer_data(cache, *, reserve: int = 0, backbone: RecordedBackbone | None
     ds = reread_dataset(man, str(cache.root), "re-extract the cache so heads and peers see the same examples")
     backbone = backbone or recorded_backbone(man, f"cache {cache.root}")
     tok = backbone.tokenizer(man["task"])
+    check_tokenizer(man, tok, f"cache {cache.root}")
     length = int(man["tokenizer"]["max_length"])
     limit = models.model_limit(tok, backbone.config)
     if reserve and limit is not None and length + reserve > limit:

@@ -83,7 +83,7 @@ def run_finetune(cfg: FinetuneConfig, *, console: Console | None = None) -> dict
                   highlight=False, soft_wrap=True)
     with table:
         if cfg.method == "setfit":
-            result = fit_setfit(model_id, data, cfg, on_epoch=on_epoch)
+            result = fit_setfit(model_id, data, cfg, on_epoch=on_epoch, revision=recorded.info.revision)
         else:
             backbone = recorded.load(device)
             torch.manual_seed(cfg.seed)

@@ -29,14 +29,14 @@ def _library():
     return setfit
 
 
-def fit_setfit(model_id: str, data: PeerData, cfg, *, on_epoch=None) -> PeerResult:
+def fit_setfit(model_id: str, data: PeerData, cfg, *, on_epoch=None, revision: str | None = None) -> PeerResult:
     if data.task != "sequence":
         raise AdlError("--method setfit classifies whole texts; this cache is a token task (NER): use full, "
                        "bitfit, lora, prompt or ptuning-bias")
     setfit = _library()
     from datasets import Dataset
 
-    model = setfit.SetFitModel.from_pretrained(model_id)
+    model = setfit.SetFitModel.from_pretrained(model_id, revision=revision)  # the cache's hub commit
     model.model_body.max_seq_length = data.max_length
     forwards, training = Forwards(), [False]
     # sentence-transformers calls the transformer's forward() directly (no hooks run there), but

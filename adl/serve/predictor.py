@@ -27,7 +27,7 @@ from adl.extract import models
 from adl.extract.datasets import Split
 from adl.extract.loop import to_device
 from adl.extract.pooling import mean_pool
-from adl.extract.recorded import recorded_backbone
+from adl.extract.recorded import check_tokenizer, recorded_backbone
 from adl.extract.tokenize import TokenizedSplit, collate, make_batches, tokenize_split
 from adl.serve.decode import entities, joined_spans, sequence_prediction, token_spans
 from adl.train.rundir import Run, check_same_backbone, load_run
@@ -79,6 +79,8 @@ class Predictor:
         per_row = (m.get("batch_tokens") or 128 * int(m.get("batch_size") or 32)) / int(m.get("batch_size") or 32)
         self.batch_tokens = int(batch_tokens or per_row * self.batch_size)
         self._tokenizers = {}
+        for run in self.runs:  # each head's tokenizer must be the one its cache was extracted with
+            check_tokenizer(run.manifest, self.tokenizer(run.task), f"run {run.root}")
         self._lock = threading.Lock()
 
     @property
