@@ -26,7 +26,6 @@ its own head state; ``results()`` returns the calling thread's rows.
 
 from __future__ import annotations
 
-import inspect
 import os
 import threading
 import warnings
@@ -120,7 +119,6 @@ class Attached:
         self.stack = self.target.stack
         self.L = int(self.runs[0].manifest["model"]["num_hidden_states"])
         self.layers = self.target.layers
-        self._sig = inspect.signature(self.stack.forward)
         self._local = threading.local()
         self._warned: set[str] = set()
         self._handles: list = []
@@ -163,10 +161,10 @@ class Attached:
 
     def _hook(self) -> None:
         add = self._handles.append
-        add(self.stack.register_forward_pre_hook(self._begin, with_kwargs=True))
+        add(self.target.entry.register_forward_pre_hook(self._begin, with_kwargs=True))
         for i in sorted({layer for r in self.runs for layer in r.layers if layer < self.L - 1}):
             add(self.layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
-        add(self.stack.register_forward_hook(self._end))
+        add(self.target.entry.register_forward_hook(self._end))
         for obj, name, wrap in self.target.wrappers(self):
             setattr(obj, name, wrap)  # an instance attribute shadowing the method; detach pops it
             self._patched.append((obj, name))
@@ -181,7 +179,7 @@ class Attached:
     def _begin(self, module, args, kwargs) -> None:
         s = self._state()
         s.batch = None
-        given = self._sig.bind_partial(*args, **kwargs).arguments
+        given = self.target.inputs(args, kwargs)
         ids, mask = given.get("input_ids"), given.get("attention_mask")
         if ids is None:
             if given.get("inputs_embeds") is not None:
@@ -216,7 +214,7 @@ class Attached:
         batch, s.batch = s.batch, None
         if batch is None:
             return
-        batch.deliver(self.L - 1, output[0])
+        batch.deliver(self.L - 1, self.target.last(output))
         rows = batch.rows()
         if len(s.texts) >= len(rows):
             for row in rows:

@@ -15,6 +15,7 @@ from the mask, so its left-padded prompts read as extraction's right-padded rows
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +57,23 @@ class Target:
     layers: torch.nn.ModuleList  # its layers: layer i's input is hidden state i
     pad_id: int | None
     cap: int | None
+    entry: torch.nn.Module | None = None  # the module whose call is one pass (default: the stack)
+
+    def __post_init__(self):
+        # sentence-transformers calls the model's forward method, not the module (no stack hooks
+        # run): its Transformer module's call is the pass, features in and token_embeddings out
+        self.entry = self.wrapper[0] if self.kind == "sentence-transformers" else self.stack
+        self._sig = inspect.signature(self.stack.forward)
+
+    def inputs(self, args, kwargs) -> dict:
+        """The entry call's arguments by name (input_ids, attention_mask, position_ids, cache...)."""
+        if self.kind == "sentence-transformers":
+            return dict(args[0] if args else kwargs["features"])
+        return self._sig.bind_partial(*args, **kwargs).arguments
+
+    def last(self, output) -> torch.Tensor:
+        """The stack's last hidden state from the entry's output."""
+        return output["token_embeddings"] if self.kind == "sentence-transformers" else output[0]
 
     def wrappers(self, attached) -> list[tuple[object, str, object]]:
         """(object, method name, replacement): the calls that show ``attached`` where a user's call
