@@ -61,9 +61,11 @@ class DevicePlan:
         return {"device": self.kind, "autocast": None if self.autocast is None else str(self.autocast).split(".")[-1]}
 
     def autocast_context(self):
+        """The backbone's precision: autocast on the plan's own device type (CUDA here; the tests run
+        the same path under CPU bf16 autocast), or none."""
         if self.autocast is None:
             return torch.autocast("cpu", enabled=False)
-        return torch.autocast("cuda", dtype=self.autocast)
+        return torch.autocast(self.kind, dtype=self.autocast)
 
 
 def select_device(requested: str = "auto") -> DevicePlan:

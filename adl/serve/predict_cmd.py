@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -211,7 +212,11 @@ def run_predict(cfg: PredictConfig, console: Console | None = None, stdout=None)
     console = console or Console(stderr=True, highlight=False, soft_wrap=True)
     stdout = stdout or sys.stdout
     t0 = time.perf_counter()
-    p = Predictor(cfg.runs, device=cfg.device, batch_size=cfg.batch_size)
+    with warnings.catch_warnings(record=True) as caught:  # each shown as one line, not as a Python warning
+        warnings.simplefilter("always")
+        p = Predictor(cfg.runs, device=cfg.device, batch_size=cfg.batch_size)
+    for w in caught:
+        console.print(f"[yellow]warning:[/] {escape(str(w.message))}")
     inputs = gather(cfg, p.manifest)
     if inputs.skipped:
         console.print(f"skipped {inputs.skipped} empty input{'s' if inputs.skipped != 1 else ''}")

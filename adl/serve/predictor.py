@@ -15,6 +15,7 @@ budget (the defaults), a run's own split is batched exactly as it was extracted.
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -58,6 +59,20 @@ class Encoded:
     spans: list[dict] | None  # per input: word index -> (start, end) in texts[i]
 
 
+def compute_differs(recorded: dict | None, now: dict) -> str | None:
+    """A warning when the backbone runs in another precision than at extraction (device kind and
+    autocast dtype, as ``DevicePlan.identity`` names them): its hidden states then differ slightly
+    from the cached ones the heads were trained on. None when they agree (or nothing is recorded)."""
+    if not recorded or (recorded.get("device"), recorded.get("autocast")) == (now["device"], now["autocast"]):
+        return None
+
+    def name(c: dict) -> str:
+        return f"{c.get('device')} " + (f"under {c['autocast']} autocast" if c.get("autocast") else "in float32")
+
+    return (f"the backbone runs on {name(now)}, but the heads' cache was extracted on {name(recorded)}: "
+            "predictions may differ slightly from the cache path's (extract on the same kind of device to match)")
+
+
 class Predictor:
     """Heads of one or more run folders on their shared backbone (head name = run folder name)."""
 
@@ -71,6 +86,9 @@ class Predictor:
         self.manifest = m
         self.recorded = recorded_backbone(m, f"run {self.runs[0].root}")
         self.plan = models.select_device(device)
+        self.compute_warning = compute_differs(m.get("compute"), self.plan.identity())
+        if self.compute_warning:
+            warnings.warn(self.compute_warning, stacklevel=2)
         self.backbone = self.recorded.load(self.plan)
         self.taps = LayerTaps(self.backbone)
         self.feeds = {run.name: HeadFeed(run, self.plan.device) for run in self.runs}
