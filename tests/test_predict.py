@@ -82,6 +82,11 @@ CASES = [  # name, data, extract options, train options
     ("bart", "csv", dict(views="tokens", decoder=True), {}),
     ("gpt2", "csv", dict(views="pooled"), {}),
     ("gpt2", "csv", dict(views="tokens"), dict(head="single-layer", layer=1)),
+    ("bert", "csv", dict(views="pooled"), dict(head="scalar-mix")),
+    ("bert", "csv", dict(views="pooled"), dict(head="head2toe")),
+    ("bert", "csv", dict(views="pooled"), dict(head="linear-probe", layer=1)),
+    ("roberta", "conll", {}, dict(head="scalar-mix")),  # a kept-inputs head on a token task
+    ("bert", "csv", dict(views="tokens"), dict(head="head2toe")),  # mean-pooled from the tokens view
 ]
 
 
@@ -148,11 +153,23 @@ def test_ner_entities_carry_character_offsets(assets, tmp_path):
     p = Predictor([run, seq], device="cpu")
     assert p.names == [run.name, seq.name] and [h["task"] for h in p.heads_info()] == ["token", "sequence"]
     assert set(p.heads_info()[0]) >= {"name", "task", "labels", "layers", "weights", "metrics"}
-    text = "john sat on the mat in london"
-    out = p([text], heads=[run.name])
-    assert list(out.heads) == [run.name]
-    for e in out.heads[run.name][0]["entities"]:
-        assert e["text"] == text[e["start"]:e["end"]] and e["type"] in {"loc", "per", "org"}
+    # A raw string, whatever the trained head predicts: force the logits and check the exact entities.
+    # "johns" and "londons" are two sub-tokens each (john ##s, london ##s); "in" is [UNK].
+    text = "the johns sat on the mat in londons"
+    enc = p.encode([text])
+    pred = p.forward(enc, heads=[run.name])
+    assert list(pred.logits) == [run.name]
+    names, wid = p.feeds[run.name].run.label_names, enc.word_ids[0]
+    assert [int((wid == w).sum()) for w in (1, 7)] == [2, 2]
+    other = next(n for n in names if n not in ("O", "B-per", "B-loc"))
+    z = np.zeros((len(wid), len(names)), np.float32)
+    for t, w in enumerate(wid.tolist()):
+        first = w >= 0 and (t == 0 or wid[t - 1] != w)
+        z[t, names.index({1: "B-per", 7: "B-loc"}.get(w, "O") if first else other)] = 1  # later sub-tokens don't count
+    pred.logits[run.name][0] = z
+    assert p.decode(enc, pred).heads[run.name][0]["entities"] == [
+        {"type": "per", "start": 4, "end": 9, "text": "johns"},
+        {"type": "loc", "start": 28, "end": 35, "text": "londons"}]
     from adl.serve.decode import entities, joined_spans
 
     words = ["john", "met", "mary", "smith", "in", "paris"]
