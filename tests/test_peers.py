@@ -101,7 +101,8 @@ def test_finetune_writes_adl_train_run_files(assets, tmp_path, cache, method):
 def test_trainable_parameters_per_method(assets):
     """full > lora and bitfit > head; prompt tuning trains its tokens and the head only."""
     from adl.extract import models
-    from adl.peers.model import build, trainable_params
+    from adl.peers.model import build
+    from adl.train.trainer import trainable_params
 
     man = open_cache(assets["seq"]).manifest
     info = models.describe(man["model"]["id"], models.load_config(man["model"]["id"]))

@@ -142,3 +142,29 @@ def test_probes_are_logistic_regression_with_c_chosen_on_validation(seq_cache, h
     ours = trainer.predict(probe, data.test, 64)
     np.testing.assert_array_equal(ours, ref.predict((xt - x.mean(0)) / (x.std(0) + 1e-8)))
     assert result.test["accuracy"] > 0.85  # the signal layer (or all layers) separates the classes
+
+
+def test_fp16_autocast_steps_through_a_grad_scaler(monkeypatch):
+    """The scaler decision is one function; heads and peers step through the same scaler logic.
+    No GPU here: the step runs on CPU with an enabled CPU scaler (the same calls as on CUDA)."""
+    from adl.extract.models import DevicePlan
+    from adl.peers import loop
+    from adl.train.trainer import grad_scaler, needs_scaler, optimizer_step
+
+    assert needs_scaler("cuda", torch.float16)
+    assert not any(needs_scaler(d, a) for d, a in [("cuda", torch.bfloat16), ("cuda", None), ("cpu", None),
+                                                   ("cpu", torch.bfloat16), ("mps", torch.float16)])
+    assert not grad_scaler("cpu", None).is_enabled()
+    w = torch.nn.Parameter(torch.ones(3))
+    opt, scaler = torch.optim.SGD([w], lr=0.1), torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    optimizer_step((2 * w).sum(), opt, scaler)
+    torch.testing.assert_close(w.detach(), torch.full((3,), 0.8))  # the step used the unscaled gradient 2
+    before = w.detach().clone()
+    optimizer_step((w * float("inf")).sum(), opt, scaler)  # fp16 overflow: the step is skipped, the scale halved
+    assert torch.equal(w.detach(), before) and scaler.get_scale() == 2.0**9
+    asked = []
+    monkeypatch.setattr(loop, "grad_scaler", lambda kind, amp: asked.append((kind, amp)) or grad_scaler("cpu", None))
+    cfg = type("Cfg", (), {"lr": 1e-3, "weight_decay": 0.0})()
+    data = type("Data", (), {"pad": 0})()
+    loop.PeerLearner(torch.nn.Linear(2, 2), data, cfg, DevicePlan("cuda:0", torch.float16, True))
+    assert asked == [("cuda", torch.float16)] and needs_scaler(*asked[0])  # a peer under fp16 gets a scaler

@@ -69,6 +69,19 @@ class PeerData:
     tokenizer: object
     pad: int
     max_length: int
+    layers: tuple = ()  # a peer mixes no layers (what ``trainer.fit_all`` logs per layer)
+
+    @property
+    def train(self) -> PeerSplit:
+        return self.splits["train"]
+
+    @property
+    def validation(self) -> PeerSplit:
+        return self.splits["validation"]
+
+    @property
+    def test(self) -> PeerSplit:
+        return self.splits["test"]
 
 
 def refuse_projection(manifest: dict, root) -> None:

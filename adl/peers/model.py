@@ -30,6 +30,10 @@ class PeerModel(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden, n_classes)
 
+    def weights(self) -> torch.Tensor:
+        """(0,): a peer mixes no layers (the training loop logs a head's layer weights)."""
+        return torch.zeros(0)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T), (B, T) -> (B, C) or (B, T, C)."""
         kw = {}
@@ -40,10 +44,6 @@ class PeerModel(nn.Module):
         if self.task == "token":
             return self.classifier(self.dropout(h))
         return self.classifier(self.dropout(pool(self.pool_kind, h, attention_mask)))
-
-
-def trainable_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def build(backbone: Backbone, cfg, n_classes: int, task: str, pool_kind: str) -> PeerModel:

@@ -88,7 +88,7 @@ def run_finetune(cfg: FinetuneConfig, *, console: Console | None = None) -> dict
             backbone = recorded.load(device)
             torch.manual_seed(cfg.seed)
             model = build(backbone, cfg, len(data.label_names), data.task, cache_pool(man)).to(device.device)
-            result = fit_peer(model, data, cfg, device.device, device.autocast_context, on_epoch=on_epoch)
+            result = fit_peer(model, data, cfg, device, on_epoch=on_epoch)
     doc = metrics_doc(result, cfg, time.perf_counter() - t0, device.kind)
     write_json(out / "metrics.json", doc)
     write_history(out / "history.csv", result.history)

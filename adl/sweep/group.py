@@ -50,6 +50,7 @@ from adl.sweep.config import GROUP_SCALARS
 from adl.train.data import SplitData, TrainData
 from adl.train.trainer import (
     FitResult,
+    Solo,
     TrainingDiverged,
     _autocast,
     amp_dtype,
@@ -57,6 +58,7 @@ from adl.train.trainer import (
     labelled_examples,
     objective,
     param_groups,
+    predict_head,
     snapshot,
 )
 
@@ -92,6 +94,9 @@ def _prefixed(d: dict) -> dict:
 class Group:
     """The learner of G configurations: ``heads[r]`` hold each configuration's weights between
     steps; while training, the running ones live in stacked leaves (``_Part``)."""
+
+    fix = Solo.fix
+    predict_final = predict_head
 
     def __init__(self, heads: list[nn.Module], cfgs, device: torch.device):
         self.heads, self.cfgs = [h.to(device) for h in heads], cfgs

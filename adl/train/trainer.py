@@ -81,6 +81,27 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+def needs_scaler(device_type: str, amp: torch.dtype | None) -> bool:
+    """Loss scaling is needed under fp16 autocast on CUDA only: fp16 gradients underflow to zero;
+    bf16 has fp32's exponent range, and fp32 needs none."""
+    return device_type == "cuda" and amp == torch.float16
+
+
+def grad_scaler(device_type: str, amp: torch.dtype | None) -> torch.amp.GradScaler:
+    """The GradScaler every learner steps through (``optimizer_step``): enabled by ``needs_scaler``,
+    else a pass-through."""
+    return torch.amp.GradScaler("cuda" if device_type == "cuda" else "cpu", enabled=needs_scaler(device_type, amp))
+
+
+def optimizer_step(loss: Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """One step: backward of the scaled loss, the optimizer step on unscaled gradients (skipped
+    when they are not finite, with the scale halved), then the scale's update."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
 def trainable_params(head: nn.Module) -> int:
     return sum(p.numel() for p in head.parameters() if p.requires_grad)
 
@@ -150,9 +171,10 @@ def _scalars(metrics: dict, prefix: str) -> dict:
 class Learner(Protocol):
     """G head configurations being trained, of which ``fit_all`` calls the running ones by
     position 0..n-1 (``keep`` narrows them). ``Solo`` is one head with torch's AdamW; a
-    vectorised sweep supplies a group (adl.sweep.group). What is the same for every learner
-    (the epoch loop, the history row, plateau halving, early stopping, best-state restore, the
-    final test pass) is ``fit_all``'s."""
+    vectorised sweep supplies a group (adl.sweep.group); ``adl finetune`` a peer model
+    (adl.peers.loop). What is the same for every learner (the epoch loop, the history row,
+    plateau halving, early stopping, best-state restore, the final test pass) is ``fit_all``'s.
+    ``fix`` ends a diverged run's message: the advice, and ``{kept}`` where the kept head is named."""
 
     def set_lr(self, lrs: list[float]) -> None: ...  # this epoch's lr of each running configuration
     def train_epoch(self, split: SplitData, batch_size: int, epoch: int) -> list[float]: ...  # mean losses
@@ -161,9 +183,16 @@ class Learner(Protocol):
     def snapshot(self, i: int) -> dict: ...  # a copy of running configuration i's state_dict
     def keep(self, positions: list[int]) -> None: ...  # only these running configurations go on (maybe none)
     def final(self, config: int, state: dict) -> nn.Module: ...  # config (0..G-1, stopped) as a head with state
+    def predict_final(self, head: nn.Module, split, batch_size: int) -> np.ndarray: ...  # ``final``'s class ids
     def state(self) -> dict: ...  # what the next epoch needs (weights, optimizer moments), as tensors
     def load_state(self, state: dict) -> None: ...  # continue from ``state()``
     amp: torch.dtype | None  # the autocast dtype its predictions run under
+    fix: str
+
+
+def predict_head(learner, head: nn.Module, split: SplitData, batch_size: int) -> np.ndarray:
+    """``predict_final`` of the learners of heads (Solo, the sweep's group): ``predict`` under their amp."""
+    return predict(head, split, batch_size, learner.amp)
 
 
 def snapshot(head: nn.Module) -> dict:
@@ -173,10 +202,13 @@ def snapshot(head: nn.Module) -> dict:
 class Solo:
     """One head, torch.optim.AdamW (layer logits without decay), fp16 GradScaler under CUDA fp16."""
 
+    fix = "{kept}; lower --lr or raise --cutoff/--weight-decay and rerun with --overwrite"
+    predict_final = predict_head
+
     def __init__(self, head: nn.Module, cfg, device: torch.device):
         self.head, self.cfg = head.to(device), cfg
         self.amp = amp_dtype(device.type, device.type == "cuda" and torch.cuda.is_bf16_supported())
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        self.scaler = grad_scaler(device.type, self.amp)
         self.coefs = coefficients(cfg)
         self.opt = torch.optim.AdamW(param_groups(head.named_parameters(), cfg.weight_decay), lr=cfg.lr)
 
@@ -194,10 +226,7 @@ class Solo:
             with _autocast(split.device, self.amp):
                 logits = self.head(b.z, b.mask)
             loss = objective(logits, b.y, self.head.penalties(), self.coefs)
-            self.opt.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.opt)
-            self.scaler.update()
+            optimizer_step(loss, self.opt, self.scaler)
             total += loss.detach()
             steps += 1
         return [float(total.item()) / max(steps, 1)]
@@ -255,10 +284,12 @@ def fit_all(learner: Learner, data: TrainData, cfgs: list, heads: list[nn.Module
             checkpoint: Callable[[int, Callable[[], dict]], None] | None = None,
             resume: dict | None = None) -> list[FitResult | TrainingDiverged | None]:
     """The training loop of every head: ``learner`` trains configurations ``cfgs`` (``heads[i]``
-    ends with configuration i's best weights).
+    ends with configuration i's best weights). ``data``: anything with ``train``, ``validation``,
+    ``test`` (splits the learner reads and ``score`` scores), ``task``, ``label_names``, ``layers``.
 
     Per epoch and configuration: train, score validation, step ReduceLROnPlateau (factor 0.5,
-    patience ``lr_patience``, on the selection metric), write the history row, keep a copy of
+    patience ``lr_patience``, on the selection metric; a config whose lr_patience is None keeps
+    its lr), write the history row, keep a copy of
     the best state (then ``on_best(i, epoch)``), then ``on_epoch(i, row)``: returning True stops
     configuration i ("pruned"). A configuration stops after ``patience`` epochs without a better
     validation score, at its ``max_epochs``, or when its loss is not finite (its result is then a
@@ -316,7 +347,8 @@ class LoopState:
         self.cfgs, self.metric = cfgs, metric
         torch.manual_seed(cfgs[0].seed)  # the dropout stream
         self.stand_ins = [torch.optim.SGD([torch.zeros(1)], lr=c.lr) for c in cfgs]  # hold each lr
-        self.scheds = [torch.optim.lr_scheduler.ReduceLROnPlateau(o, mode="max", factor=0.5, patience=c.lr_patience)
+        self.scheds = [None if getattr(c, "lr_patience", None) is None else
+                       torch.optim.lr_scheduler.ReduceLROnPlateau(o, mode="max", factor=0.5, patience=c.lr_patience)
                        for o, c in zip(self.stand_ins, cfgs)]
         self.best, self.best_epoch, self.best_val = [-math.inf] * G, [0] * G, [None] * G
         self.best_state: list[dict | None] = [None] * G
@@ -329,12 +361,13 @@ class LoopState:
     def step(self, learner, data, i, r, epoch, loss, pred, weights, lr, seconds, on_best) -> bool:
         """Score configuration r's epoch (running position i); True when its loss diverged."""
         if not math.isfinite(loss):
-            self.diverged[r] = TrainingDiverged(_diverged_message(loss, epoch, lr, self.best_epoch[r]), epoch,
-                                                self.best_epoch[r] or None)
+            self.diverged[r] = TrainingDiverged(_diverged_message(loss, epoch, lr, self.best_epoch[r], learner.fix),
+                                                epoch, self.best_epoch[r] or None)
             self.stop[r] = "diverged"
             return True
         val = score(pred, data.validation, data.label_names)
-        self.scheds[r].step(val[self.metric])
+        if self.scheds[r] is not None:
+            self.scheds[r].step(val[self.metric])
         self.history[r].append({"epoch": epoch, "loss": loss, **_scalars(val, "val_"), "lr": lr, "seconds": seconds,
                                 **{f"w_{l}": float(v) for l, v in zip(data.layers, weights)}})
         if val[self.metric] > self.best[r]:
@@ -350,7 +383,7 @@ class LoopState:
             return self.diverged[r]
         head = learner.final(r, self.best_state[r])
         self.best_state[r] = None
-        test = None if data.test is None else score(predict(head, data.test, self.cfgs[r].batch_size, learner.amp),
+        test = None if data.test is None else score(learner.predict_final(head, data.test, self.cfgs[r].batch_size),
                                                      data.test, data.label_names)
         w = layer_weights(head)
         return FitResult(self.history[r], self.best_epoch[r], self.best_val[r], test, self.metric, self.stop[r],
@@ -361,7 +394,8 @@ class LoopState:
         """Plain values and tensors: the loop, the learner (``learner.state()``) and the RNG streams."""
         run = set(self.rows)
         return {"epoch": self.epoch, "rows": list(self.rows),
-                "lr": [self.lr(r) for r in range(len(self.cfgs))], "sched": [s.state_dict() for s in self.scheds],
+                "lr": [self.lr(r) for r in range(len(self.cfgs))],
+                "sched": [None if s is None else s.state_dict() for s in self.scheds],
                 "best": list(self.best), "best_epoch": list(self.best_epoch),
                 "best_val": [v if r in run else None for r, v in enumerate(self.best_val)],
                 "best_state": [s if r in run else None for r, s in enumerate(self.best_state)],
@@ -373,7 +407,8 @@ class LoopState:
         loop = cls(cfgs, metric)
         for r, (lr, sched) in enumerate(zip(state["lr"], state["sched"])):
             loop.stand_ins[r].param_groups[0]["lr"] = lr
-            loop.scheds[r].load_state_dict(sched)
+            if sched is not None:
+                loop.scheds[r].load_state_dict(sched)
         for name in ("epoch", "rows", "best", "best_epoch", "best_val", "best_state", "history", "stop"):
             setattr(loop, name, state[name])
         loop.start -= state["seconds"]
@@ -393,8 +428,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _diverged_message(loss: float, epoch: int, lr: float, best_epoch: int) -> str:
+def _diverged_message(loss: float, epoch: int, lr: float, best_epoch: int, fix: str) -> str:
     kept = (f"the last good head (epoch {best_epoch}) is kept" if best_epoch
             else "no epoch finished cleanly, so no head was saved")
-    return (f"training diverged: the loss became {loss} in epoch {epoch} (lr {lr:g}); {kept}; "
-            "lower --lr or raise --cutoff/--weight-decay and rerun with --overwrite")
+    return f"training diverged: the loss became {loss} in epoch {epoch} (lr {lr:g}); " + fix.format(kept=kept)
