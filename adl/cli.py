@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from adl.cache.location import mask, user_error
 from adl.devices import HELP as DEVICE_HELP
 from adl.errors import AdlError
 # Only the light config modules load here (the sweep flags are generated from their fields); each
@@ -47,6 +48,11 @@ def user_errors(fn):
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]: finished work is saved; rerun the same command to resume")
             raise typer.Exit(130) from None
+        except Exception as e:  # an object store the user must fix (credentials, bucket, endpoint)
+            if (storage := user_error(e)) is None:
+                raise
+            err.print(f"[bold red]error:[/] {escape(str(storage))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
 
     return wrapper
 
@@ -69,7 +75,8 @@ def extract(
     model: Annotated[str, _O("--model", help="hub id, local folder, or alias roberta-large | bart-large | minilm")],
     dataset: Annotated[str, _O("--dataset", help="imdb | cola | sst2 | rotten_tomatoes | conll2003 | wnut16 | tweets, a hub id "
                                "owner/name[:config], or csv:|jsonl:|parquet:|conll:PATH")],
-    out: Annotated[Optional[str], _O("--out", help="cache folder (default cache/<dataset name>)")] = None,
+    out: Annotated[Optional[str], _O("--out", help="cache folder or URL (s3://bucket/prefix, gs://..., any fsspec "
+                                                    "URL; default cache/<dataset name>)")] = None,
     views: Annotated[Optional[str], _O("--views", help="pooled,tokens (default: pooled, plus tokens when they fit comfortably "
                                        "on disk; NER always gets tokens)")] = None,
     pool: Annotated[Optional[str], _O("--pool", help="mean,cls,last,max (default mean; last for decoder states)")] = None,
@@ -105,7 +112,7 @@ def extract(
 @app.command()
 @user_errors
 def info(
-    path: Annotated[str, typer.Argument(help="cache folder")],
+    path: Annotated[str, typer.Argument(help="cache folder or URL (s3://bucket/prefix, gs://..., any fsspec URL)")],
     json_: Annotated[bool, _O("--json", help="print the manifest as JSON")] = False,
     check: Annotated[bool, _O("--check", help="recompute every checksum and name what is damaged (exit 2)")] = False,
 ) -> None:
@@ -116,12 +123,12 @@ def info(
     if check:
         problems = verify_cache(path)
         if problems:
-            err.print(f"[bold red]error:[/] {escape(path)} is damaged ({len(problems)} problem(s)); re-extract it "
+            err.print(f"[bold red]error:[/] {escape(mask(path))} is damaged ({len(problems)} problem(s)); re-extract it "
                       "(`adl extract ... --overwrite`)", highlight=False, soft_wrap=True)
             for problem in problems:
                 err.print(f"  {escape(problem)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
-        Console().print(f"{escape(path)} verified: the checksums of every shard match", highlight=False)
+        Console().print(f"{escape(mask(path))} verified: the checksums of every shard match", highlight=False)
         return
     with open_cache(path) as cache:
         if json_:
@@ -133,7 +140,7 @@ def info(
 # ---- stage two: train, baselines ----------------------------------------------------
 # Flags map 1:1 onto TrainConfig fields (--lambda -> lam); every option defaults to None so
 # the config (and its task presets) holds the defaults.
-CacheOpt = Annotated[str, _O("--cache", help="cache folder written by `adl extract`")]
+CacheOpt = Annotated[str, _O("--cache", help="cache folder or URL written by `adl extract`")]
 HeadOpt = Annotated[Optional[str], _O("--head", help="adalayers | adalayers-pooled | single-layer | last-layer | "
                                       "linear-probe | scalar-mix | head2toe (default: from the cache's views)")]
 PresetOpt = Annotated[Optional[str], _O("--preset", help="imdb | cola | conll defaults (default: from the cache)")]
@@ -224,7 +231,7 @@ def _sweep_params() -> list[inspect.Parameter]:
                                  annotation=Annotated[kind, typer.Option(flag, help=help_)])
 
     helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(SweepConfig)}
-    params = [opt("cache", Optional[str], "--cache", "cache folder written by `adl extract`"),
+    params = [opt("cache", Optional[str], "--cache", "cache folder or URL written by `adl extract`"),
               opt("report", Optional[str], "--report", "redraw the table and plots of sweep folder DIR and exit"),
               opt("search", Optional[str], "--search", helps["search"]),
               opt("trials", Optional[int], "--trials", helps["trials"]),
@@ -341,7 +348,7 @@ def serve(
 @app.command()
 @user_errors
 def finetune(
-    cache: Annotated[str, _O("--cache", help="cache folder: fixes the backbone, data set, splits, max_length, task")],
+    cache: Annotated[str, _O("--cache", help="cache folder or URL: fixes the backbone, data set, splits, max_length, task")],
     method: Annotated[str, _O("--method", help="full | bitfit | lora | prompt | ptuning-bias | setfit")],
     out: Annotated[Optional[str], _O("--out", help="run folder (default runs/<cache>-<method>-<time>)")] = None,
     lr: Annotated[Optional[float], _O("--lr", help="learning rate (default: the method's published one)")] = None,

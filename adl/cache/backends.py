@@ -19,6 +19,11 @@ Crash safety:
   because after a failed write h5py raises RuntimeError and crashes at exit.
 - ``sync()`` makes what was written since the last call durable (fsync of the chunk files
   touched and their folders, or of the HDF5 file) before the progress file moves on.
+
+On a URL (``s3://...``, any fsspec protocol) only Zarr serves, through zarr's ``FsspecStore``:
+every chunk is one object, written by one whole PUT, so ``sync`` has nothing to do, and
+``missing_chunks`` lists an array's objects once instead of a stat per chunk file. HDF5 is a
+single file updated in place and is refused on a URL.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from adl.cache.durable import fsync_dir, fsync_file
+from adl.cache.location import Location, is_url
+from adl.errors import AdlError
 
 FORMATS = {"zarr": ".zarr", "hdf5": ".h5"}
 
@@ -40,11 +47,19 @@ def chunk_count(rows: int, chunk_rows: int) -> int:
 
 
 class ZarrBackend:
-    def __init__(self, path: Path, mode: str):
+    def __init__(self, path, mode: str):
         import zarr
 
-        self.path = Path(path)
-        self.root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        self.url = is_url(path)
+        self.path = str(path).rstrip("/") if self.url else Path(path)
+        if self.url:
+            parent, _, name = self.path.rpartition("/")
+            self.location = Location(parent)
+            with self.location.errors():
+                store = self.location.zarr_store(name, read_only=mode == "r")
+                self.root = zarr.open_group(store, mode=mode, zarr_format=3)
+        else:
+            self.root = zarr.open_group(str(path), mode=mode, zarr_format=3)
         self._arrays: dict = {}  # opened arrays: each lookup would reread its metadata
         self._touched: set[Path] = set()
 
@@ -70,6 +85,8 @@ class ZarrBackend:
         if not len(data):
             return
         self.array(name)[start : start + len(data)] = data
+        if self.url:
+            return
         rows = self.chunk_rows(name)
         for i in range(start // rows, chunk_count(start + len(data), rows)):
             self._touched.add(self._chunk_path(name, i))
@@ -82,13 +99,22 @@ class ZarrBackend:
         """Chunks of the first ``rows`` rows whose file is absent or not of the chunk's size."""
         arr = self.array(name)
         size = int(np.prod(arr.chunks)) * np.dtype(arr.dtype).itemsize
+        tail = "/".join(["0"] * (len(arr.shape) - 1))
+        if self.url:  # one listing of the array's objects: {chunk index: size}
+            listed = Location(f"{self.path}/{name}/c").entries()
+            sizes = {int(k.split("/")[0]): v for k, v in listed.items()
+                     if k.split("/")[0].isdigit() and k == "/".join(filter(None, [k.split("/")[0], tail]))}
         bad = []
         for i in range(chunk_count(rows, arr.chunks[0])):
-            p = self._chunk_path(name, i)
-            if not p.is_file():
+            if self.url:
+                have = sizes.get(i)
+            else:
+                p = self._chunk_path(name, i)
+                have = p.stat().st_size if p.is_file() else None
+            if have is None:
                 bad.append(f"chunk {i} missing")
-            elif p.stat().st_size != size:
-                bad.append(f"chunk {i} is {p.stat().st_size} bytes, not {size}")
+            elif have != size:
+                bad.append(f"chunk {i} is {have} bytes, not {size}")
         return bad
 
     def nbytes(self, name: str) -> int:
@@ -101,6 +127,8 @@ class ZarrBackend:
         pass
 
     def sync(self, everything: bool = False) -> None:
+        if self.url:  # each chunk was one whole PUT: stored once the call returned
+            return
         paths = [p for p in self.path.rglob("*") if p.is_file()] if everything else sorted(self._touched)
         dirs = set()
         for p in paths:
@@ -184,9 +212,16 @@ class HDF5Backend:
         self.file.close()
 
 
-def open_backend(path: Path, fmt: str, mode: str):
-    """Open (mode "r"/"a") or create (mode "w") the store at ``path`` in format ``fmt``."""
+def open_backend(path, fmt: str, mode: str):
+    """Open (mode "r"/"a") or create (mode "w") the store at ``path`` (a path or a URL) in format ``fmt``."""
+    if fmt == "hdf5" and is_url(path):
+        raise AdlError(hdf5_on_url(path))
     return {"zarr": ZarrBackend, "hdf5": HDF5Backend}[fmt](path, mode)
+
+
+def hdf5_on_url(where) -> str:
+    return (f"{Location(where)}: HDF5 cannot live on an object store (it rewrites one file in place); "
+            "use --format zarr")
 
 
 def digest(store, name: str) -> dict:

@@ -38,16 +38,26 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Write sorted JSON atomically and durably: temp file + fsync + rename + fsync(folder)."""
+def json_bytes(obj: dict) -> bytes:
+    """The one JSON encoding of adl's records: sorted keys, two-space indent, final newline."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write a file atomically and durably: temp file + fsync + rename + fsync(folder)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write sorted JSON atomically and durably (``write_bytes``)."""
+    write_bytes(path, json_bytes(obj))
 
 
 def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:

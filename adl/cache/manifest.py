@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timezone
-from pathlib import Path
 
 from adl import UPGRADE, __version__
 from adl.cache.durable import read_json, write_json
+from adl.cache.location import Location
 from adl.errors import AdlError
 
 # 2: done.json records rows and chunk checksums per array; zarr stores every chunk
@@ -39,14 +39,14 @@ REQUIRED = (
 
 
 __all__ = ["MANIFEST", "REQUIRED", "SCHEMA_VERSION", "manifest_hash", "read_json", "read_manifest", "write_json",
-           "write_manifest"]
+           "build_manifest"]
 # Types of the fields the reader relies on: a manifest that breaks them is refused.
 TYPES = {"splits": dict, "layers": list, "views": list, "label_names": list, "num_shards": int, "format": str,
          "task": str, "hidden_size": int, "token_dim": int}
 
 
-def write_manifest(root: Path, fields: dict) -> dict:
-    """Complete ``fields`` with schema/adl versions and creation time and write manifest.json."""
+def build_manifest(fields: dict) -> dict:
+    """Complete ``fields`` with schema/adl versions and creation time (written by writer.publish)."""
     missing = [k for k in REQUIRED if k not in fields]
     if missing:
         raise ValueError(f"manifest lacks {missing}")  # a bug in adl, not a user mistake
@@ -56,24 +56,24 @@ def write_manifest(root: Path, fields: dict) -> dict:
         "adl_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    write_json(Path(root) / MANIFEST, manifest)
     return manifest
 
 
-def read_manifest(root: Path) -> dict:
-    """Read and check a cache's manifest; a missing, partial or newer one is a clear error."""
-    root = Path(root)
-    if not root.is_dir():
-        raise AdlError(f"no cache at {root}: create one with `adl extract --model M --dataset D --out {root}`")
-    path = root / MANIFEST
-    if not path.is_file():
+def read_manifest(root) -> dict:
+    """Read and check a cache's manifest (a folder or a URL); a missing, partial or newer one is a
+    clear error."""
+    root = Location(root)
+    path = root.show(MANIFEST)
+    if not root.exists(MANIFEST):
+        if not root.is_there():
+            raise AdlError(f"no cache at {root}: create one with `adl extract --model M --dataset D --out {root}`")
         raise AdlError(
             f"{root} is not a complete adl cache (no {MANIFEST}): its extraction did not finish; "
             "rerun the same `adl extract` command to resume it"
         )
     redo = "re-extract with `adl extract ... --overwrite`"
     try:
-        manifest = read_json(path)
+        manifest = root.read_json(MANIFEST)
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise AdlError(f"{path} is unreadable or truncated ({str(e).splitlines()[0]}): {redo}") from None
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None

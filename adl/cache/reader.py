@@ -18,10 +18,10 @@ Rows come in extraction order (sorted by length for bucketing), the same in ever
 from __future__ import annotations
 
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 
+from adl.cache.location import Location
 from adl.cache.manifest import manifest_hash, read_manifest
 from adl.cache.verify import shard_problems
 from adl.errors import AdlError
@@ -63,8 +63,8 @@ class Cache:
     """A finished cache. Opening it checks every shard's files (``verify.shard_problems``:
     stores, done.json, row counts, every chunk on disk at its size) but reads no data."""
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
+    def __init__(self, root):
+        self.root = Location(root)
         self.manifest = read_manifest(self.root)
         self.fmt = self.manifest["format"]
         self._stores = []
@@ -153,9 +153,9 @@ class Cache:
         """The per-layer projection applied before storing tokens, or None."""
         if not self.manifest["projection"]:
             return None
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load
 
-        return load_file(str(self.root / "projection.safetensors"))
+        return load(self.root.read_bytes("projection.safetensors"))
 
     # -- helpers -------------------------------------------------------------------
     def _split(self, split: str) -> dict:
@@ -189,5 +189,6 @@ class Cache:
 
 
 def open_cache(path) -> Cache:
-    """Open a finished cache for reading (raises AdlError if it is incomplete or newer)."""
-    return Cache(Path(path))
+    """Open a finished cache, a folder or a URL, for reading (raises AdlError if it is incomplete
+    or newer, or when its store cannot be reached)."""
+    return Cache(path)

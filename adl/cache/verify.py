@@ -18,34 +18,38 @@ A problem reads "<shard> <split>/<array>: what is wrong", e.g.
 from __future__ import annotations
 
 import zlib
-from pathlib import Path
 
 import numpy as np
 
-from adl.cache.backends import FORMATS, chunk_count, open_backend
-from adl.cache.durable import read_json
+from adl.cache.backends import FORMATS, chunk_count, hdf5_on_url, open_backend
+from adl.cache.location import Location, StorageError
 from adl.cache.writer import shard_name
 from adl.errors import AdlError
 
 
-def shard_problems(root: Path, manifest: dict, index: int, checksums: bool = False):
-    """-> (opened store or None, problems) for shard ``index`` of the cache at ``root``."""
+def shard_problems(root, manifest: dict, index: int, checksums: bool = False):
+    """-> (opened store or None, problems) for shard ``index`` of the cache at ``root`` (a folder or a URL)."""
+    root = Location(root)
     fmt, count = manifest["format"], manifest["num_shards"]
     if fmt not in FORMATS:
         return None, [f"manifest: unknown format {fmt!r} (this adl reads {', '.join(FORMATS)})"]
+    if fmt == "hdf5" and root.url:
+        return None, [hdf5_on_url(root)]
     name = shard_name(index, count)
-    path, done_path = root / f"{name}{FORMATS[fmt]}", root / f"{name}.done.json"
-    if not path.exists():
-        return None, [f"{name}: store {path.name} is missing"]
+    store_name, done_name = f"{name}{FORMATS[fmt]}", f"{name}.done.json"
+    if not (root.exists(f"{store_name}/zarr.json") if root.url else (root / store_name).exists()):
+        return None, [f"{name}: store {store_name} is missing"]
     try:
-        done = read_json(done_path)
+        done = root.read_json(done_name)
         arrays = done["arrays"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return None, [f"{name}: {done_path.name} is missing or unreadable ({type(e).__name__})"]
+        return None, [f"{name}: {done_name} is missing or unreadable ({type(e).__name__})"]
     try:
-        store = open_backend(path, fmt, "r")
+        store = open_backend(root / store_name, fmt, "r")
+    except AdlError:
+        raise
     except Exception as e:  # noqa: BLE001 - any unreadable store is one named problem
-        return None, [f"{name}: store {path.name} cannot be opened ({str(e).splitlines()[0]})"]
+        return None, [f"{name}: store {store_name} cannot be opened ({str(e).splitlines()[0]})"]
     problems = []
     for key, rec in sorted(arrays.items()):
         problems += [f"{name} {key}: {p}" for p in _array_problems(store, key, rec, checksums)]
@@ -80,9 +84,11 @@ def verify_cache(path) -> list[str]:
     """Recompute every shard's checksums and compare with the manifest; -> named problems."""
     from adl.cache.manifest import read_manifest
 
-    root = Path(path)
+    root = Location(path)
     try:
         manifest = read_manifest(root)
+    except StorageError:
+        raise
     except AdlError as e:
         return [f"manifest: {e}"]
     problems, held = [], {}
@@ -100,6 +106,6 @@ def verify_cache(path) -> list[str]:
         if held.get(split, 0) != info.get("n"):
             problems.append(f"manifest: split {split} has n={info.get('n')} but the shards hold "
                             f"{held.get(split, 0)} rows")
-    if manifest.get("projection") and not (root / "projection.safetensors").is_file():
+    if manifest.get("projection") and not root.exists("projection.safetensors"):
         problems.append("projection.safetensors is missing")
     return problems

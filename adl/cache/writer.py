@@ -20,6 +20,19 @@ A batch is committed (its chunks fsynced, then the progress file replaced durabl
 after all its rows are written, so a kill loses at most the batches in flight, and a rerun
 rewrites exactly those: the finished cache is bit-identical to an uninterrupted run. A
 resume first checks that the stored ids, offsets and labels are the rows it would write.
+
+On a URL (an object store) the same files are objects, and nothing is renamed or locked:
+
+- Every chunk object is written once, whole. A batch's rows rarely end on a chunk boundary,
+  so the writer holds the rows of the chunk being filled and writes a chunk only when all its
+  rows are in (the last chunk of an array when the array is full). A batch is committed once
+  every chunk holding its rows is stored; a rerun starts at the first uncommitted batch and
+  drops the rows that fall in the chunk already stored before it (the commit rule guarantees
+  that chunk was written whole), so no object is ever read, modified and written back.
+- Progress and done records are whole-object PUTs; the manifest is a conditional PUT
+  (``Location.create_json``), so of two writers racing to publish exactly one succeeds.
+- There is no shard lock on a store: one process per shard index is the launcher's job
+  (torchrun ranks, --shard-index).
 """
 
 from __future__ import annotations
@@ -32,9 +45,10 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock, Timeout
 
-from adl.cache.backends import FORMATS, digest, open_backend
-from adl.cache.durable import disk_full_error, is_disk_full, read_json, write_json
-from adl.cache.manifest import MANIFEST, SCHEMA_VERSION, write_manifest
+from adl.cache.backends import FORMATS, digest, hdf5_on_url, open_backend
+from adl.cache.durable import disk_full_error, is_disk_full
+from adl.cache.location import Location, retry
+from adl.cache.manifest import MANIFEST, SCHEMA_VERSION, build_manifest
 from adl.errors import AdlError
 
 
@@ -67,26 +81,39 @@ class SplitLayout:
 class ShardWriter:
     """Create or resume one shard's store. Holds an exclusive lock until ``close``."""
 
-    def __init__(self, root: Path, fmt: str, shard_index: int = 0, num_shards: int = 1):
+    def __init__(self, root, fmt: str, shard_index: int = 0, num_shards: int = 1):
         if fmt not in FORMATS:
             raise AdlError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = Location(root)
+        if self.root.url and fmt == "hdf5":
+            raise AdlError(hdf5_on_url(self.root))
         self.fmt = fmt
         name = shard_name(shard_index, num_shards)
-        self.lock = FileLock(str(self.root / f".{name}.lock"))
-        try:
-            self.lock.acquire(timeout=0)
-        except Timeout:
-            raise AdlError(
-                f"another adl extract is writing {self.root} (lock {self.lock.lock_file}); "
-                "wait for it to finish or choose another --out"
-            ) from None
-        self.store_path = self.root / f"{name}{FORMATS[fmt]}"
-        self.progress_path = self.root / f"{name}.progress.json"
-        self.done_path = self.root / f"{name}.done.json"
+        self.lock = None
+        if not self.root.url:
+            self.root.where.mkdir(parents=True, exist_ok=True)
+            self.lock = FileLock(str(self.root / f".{name}.lock"))
+            try:
+                self.lock.acquire(timeout=0)
+            except Timeout:
+                raise AdlError(
+                    f"another adl extract is writing {self.root} (lock {self.lock.lock_file}); "
+                    "wait for it to finish or choose another --out"
+                ) from None
+        self.store_name = f"{name}{FORMATS[fmt]}"
+        self.progress_name, self.done_name = f"{name}.progress.json", f"{name}.done.json"
+        self.store_path = self.root / self.store_name
+        self.progress_path, self.done_path = self.root / self.progress_name, self.root / self.done_name
+        self.shown = self.root.show(self.store_name)  # for messages: credentials masked
         self.store = None
         self.progress: dict[str, int] = {}
+        # whole-object writes (a URL): per array the rows received, the rows stored and the
+        # received rows not stored yet; commits waiting for their chunks
+        self.whole = self.root.url
+        self._have: dict[str, int] = {}
+        self._stored: dict[str, int] = {}
+        self._held: dict[str, list] = {}
+        self._waiting: list[tuple[str, int, dict[str, int]]] = []
 
     def create(self, layouts: dict[str, SplitLayout], arrays: dict[str, tuple], dtype: str, chunk_rows: int) -> None:
         """Create the store, or reopen it to resume when a progress file says it was started.
@@ -98,26 +125,50 @@ class ShardWriter:
         """
         self.names = [f"{split}/{name}" for split, lay in layouts.items() for name in _fixed(lay)]
         self.names += [f"{split}/{name}" for split in layouts for name in arrays]
-        if self.progress_path.is_file() and self.store_path.exists():
-            self.progress = read_json(self.progress_path)
+        started = self.root.exists(self.progress_name)
+        if started and self._store_exists():
+            self.progress = self.root.read_json(self.progress_name)
             try:
-                self.store = open_backend(self.store_path, self.fmt, "a")
+                self.store = self._retry(lambda: open_backend(self.store_path, self.fmt, "a"), self.shown)
             except Exception as e:  # noqa: BLE001 - any unreadable store is the same advice
-                raise AdlError(f"cannot resume {self.store_path} ({str(e).splitlines()[0]}): "
+                raise AdlError(f"cannot resume {self.shown} ({str(e).splitlines()[0]}): "
                                "rerun with --overwrite to start this extraction again") from None
             self._check_resume(layouts, arrays, dtype)
-        else:
-            self.store = open_backend(self.store_path, self.fmt, "w")
-            for split, lay in layouts.items():
-                for name, value in _fixed(lay).items():
-                    self._put(f"{split}/{name}", value, chunk_rows if name in ("ids", "offsets") else 1 << 16)
-                for name, (tail, rows) in arrays.items():
-                    shape = (lay.n_tokens if name == "tokens" else lay.n, *tail)
-                    self.store.create(f"{split}/{name}", shape, dtype, _chunks(shape, rows))
-            self.store.sync(everything=True)
-            self.progress = {split: 0 for split in layouts}
-            write_json(self.progress_path, self.progress)
+            return self.store.reserve(self._stored_bytes())
+        self.progress = {split: 0 for split in layouts}
+        # a store has no lock: the shard is claimed by creating its progress object (a progress
+        # object without a store is a creation that was killed, taken over by this rerun)
+        if self.root.url and not started and not self.root.create_json(self.progress_name, self.progress):
+            raise AdlError(f"another process has just started writing {self.shown}: one process per shard "
+                           "(see --shard-index); rerun this command once it has finished, or stopped")
+        self._create_store(layouts, arrays, dtype, chunk_rows)
+        self.root.write_json(self.progress_name, self.progress)
         self.store.reserve(self._stored_bytes())
+
+    def _create_store(self, layouts: dict[str, SplitLayout], arrays: dict[str, tuple], dtype: str,
+                      chunk_rows: int) -> None:
+        """A new, empty store with every array, the fixed ones (ids, offsets, labels) filled;
+        on a store each step is retried on its own (each is idempotent)."""
+        self.store = self._retry(lambda: open_backend(self.store_path, self.fmt, "w"), self.shown)
+        for split, lay in layouts.items():
+            for name, value in _fixed(lay).items():
+                rows = chunk_rows if name in ("ids", "offsets") else 1 << 16
+                self._retry(lambda k=f"{split}/{name}", v=value, r=rows: self._put(k, v, r), f"{self.shown}/{split}")
+            for name, (tail, rows) in arrays.items():
+                shape = (lay.n_tokens if name == "tokens" else lay.n, *tail)
+                self._retry(lambda k=f"{split}/{name}", c=_chunks(shape, rows), shape=shape:
+                            self.store.create(k, shape, dtype, c), f"{self.shown}/{split}")
+        self.store.sync(everything=True)
+
+    def _retry(self, fn, what: str):
+        """On a store, ``fn()`` with retries (``location.retry``); on a disk just ``fn()``: a full
+        disk is not worth another attempt."""
+        return retry(fn, what) if self.root.url else fn()
+
+    def _store_exists(self) -> bool:
+        if self.root.url:
+            return self.root.exists(f"{self.store_name}/zarr.json")
+        return Path(self.store_path).exists()
 
     def _check_resume(self, layouts: dict[str, SplitLayout], arrays: dict[str, tuple], dtype: str) -> None:
         """The stored ids/offsets/labels and array shapes must be the ones this run computed."""
@@ -130,14 +181,14 @@ class ShardWriter:
                 key = f"{split}/{name}"
                 stored = np.asarray(self.store.array(key)[:]) if self.store.has(key) else None
                 if stored is None or stored.shape != value.shape or not np.array_equal(stored, value):
-                    raise AdlError(f"{self.store_path}: the stored {key} differ from the rows this run "
+                    raise AdlError(f"{self.shown}: the stored {key} differ from the rows this run "
                                    f"computed (data or tokenizer changed?): {redo}")
             for name, (tail, _) in arrays.items():
                 key = f"{split}/{name}"
                 shape = (lay.n_tokens if name == "tokens" else lay.n, *tail)
                 arr = self.store.array(key) if self.store.has(key) else None
                 if arr is None or tuple(arr.shape) != shape or np.dtype(arr.dtype) != np.dtype(dtype):
-                    raise AdlError(f"{self.store_path}: {key} is not a {dtype} array of shape {shape}: {redo}")
+                    raise AdlError(f"{self.shown}: {key} is not a {dtype} array of shape {shape}: {redo}")
 
     def _stored_bytes(self) -> int:
         """The store's final size: every chunk in full (the last one padded), plus metadata slack."""
@@ -158,25 +209,68 @@ class ShardWriter:
         return int(self.progress.get(split, 0))
 
     def write(self, split: str, name: str, start: int, data: np.ndarray) -> None:
-        self.store.write(f"{split}/{name}", start, data)
+        key = f"{split}/{name}"
+        if not self.whole:
+            self.store.write(key, start, data)
+            return
+        if key not in self._have:  # the first write of this run: a fresh start, or a resume
+            step, total = self.store.chunk_rows(key), int(self.store.array(key).shape[0])
+            first = min(-(-start // step) * step, total)  # rows before it sit in a chunk stored whole
+            self._have[key] = self._stored[key] = first
+            self._held[key] = []
+        if start > self._have[key]:
+            raise RuntimeError(f"{key}: rows {self._have[key]}-{start} were never given")  # a bug in adl
+        data = data[self._have[key] - start:] if start < self._have[key] else data
+        if len(data):
+            self._held[key].append(data)
+            self._have[key] += len(data)
+        self._store_whole_chunks(key)
+
+    def _store_whole_chunks(self, key: str) -> None:
+        """Write the held rows that fill whole chunks (and the array's last chunk when it is full)."""
+        step, total = self.store.chunk_rows(key), int(self.store.array(key).shape[0])
+        have, stored = self._have[key], self._stored[key]
+        upto = total if have >= total else have // step * step
+        if upto <= stored:
+            return
+        held = np.concatenate(self._held[key]) if len(self._held[key]) > 1 else self._held[key][0]
+        block = held[:upto - stored]
+        retry(lambda: self.store.write(key, stored, block), f"{self.shown}/{key}")
+        self._held[key] = [held[upto - stored:]] if have > upto else []
+        self._stored[key] = upto
 
     def commit(self, split: str, batches_done: int) -> None:
-        """The batch's rows are durable before the progress file says so."""
+        """The batch's rows are durable before the progress file says so (on a store: once
+        every chunk holding them has been written whole)."""
+        if self.whole:
+            ends = {k: v for k, v in self._have.items() if k.startswith(split + "/")}
+            self._waiting.append((split, batches_done, ends))
+            ready = {}  # rows only grow, so the commits that are ready come first
+            while self._waiting and all(self._stored[k] >= end for k, end in self._waiting[0][2].items()):
+                done_split, done, _ = self._waiting.pop(0)
+                ready[done_split] = done
+            if not ready:
+                return
+        else:
+            ready = {split: batches_done}
         self.store.sync()
-        self.progress[split] = batches_done
-        write_json(self.progress_path, self.progress)
+        self.progress.update(ready)
+        self.root.write_json(self.progress_name, self.progress)
 
     def finish(self, rows: dict[str, int]) -> None:
         """Check every chunk is on disk, then record per array its rows and chunk checksums."""
+        if any(self._held.values()) or self._waiting:
+            raise RuntimeError(f"{self.store_path}: rows held back at finish")  # a bug in adl
         self.store.sync()
         self.store.trim()
         lost = [f"{name}: {p}" for name in self.names
                 for p in self.store.missing_chunks(name, int(self.store.array(name).shape[0]))]
         if lost:
-            raise AdlError(f"{self.store_path} lost committed data ({'; '.join(lost[:3])}): "
+            raise AdlError(f"{self.shown} lost committed data ({'; '.join(lost[:3])}): "
                            "rerun with --overwrite to extract again")
-        arrays = {name: digest(self.store, name) for name in self.names}
-        write_json(self.done_path, {"rows": rows, "arrays": arrays, "schema_version": SCHEMA_VERSION})
+        arrays = {name: self._retry(lambda n=name: digest(self.store, n), f"{self.shown}/{name}")
+                  for name in self.names}
+        self.root.write_json(self.done_name, {"rows": rows, "arrays": arrays, "schema_version": SCHEMA_VERSION})
 
     def close(self) -> None:
         """Close the store and release the shard lock, also after a failed write."""
@@ -187,7 +281,8 @@ class ShardWriter:
             pass
         finally:
             self.store = None
-            self.lock.release()
+            if self.lock is not None:
+                self.lock.release()
 
 
 def _fixed(lay: SplitLayout) -> dict[str, np.ndarray]:
@@ -250,18 +345,34 @@ def _as_user_error(e: BaseException, root: Path) -> BaseException:
     return disk_full_error(root) if is_disk_full(e) else e
 
 
-def finalize(root: Path, num_shards: int, fields: dict) -> dict | None:
-    """Write the manifest once every shard is done; return it, or None while shards remain.
+# what may differ between two writers of the same cache (the rest must be equal)
+VOLATILE = ("created", "extraction_seconds", "loop_seconds", "adl_version")
 
-    Exactly once: under the manifest lock, the first finisher writes it and every later
-    caller (a peer shard finishing at the same moment, a rerun) gets that same manifest,
-    so the cache's hash never changes after it is complete.
+
+def finalize(root, num_shards: int, fields: dict) -> dict | None:
+    """Write the manifest once every shard is done; return it, or None while shards remain."""
+    return publish(root, num_shards, fields)[0]
+
+
+def publish(root, num_shards: int, fields: dict) -> tuple[dict | None, bool]:
+    """-> (the manifest or None while shards remain, whether this call wrote it).
+
+    Exactly once: the first finisher writes it (on disk under the manifest lock, on a store by
+    a conditional PUT) and every later caller (a peer shard finishing at the same moment, a
+    rerun, a second machine) gets that same manifest, so the cache's hash never changes after
+    it is complete. A published manifest that differs from this writer's (other than in
+    timings) is an error: two different extractions raced into one place.
     """
-    root = Path(root)
-    dones = [root / f"{shard_name(i, num_shards)}.done.json" for i in range(num_shards)]
-    if not all(p.is_file() for p in dones):
-        return None
-    with FileLock(str(root / MANIFEST_LOCK)):
-        if (root / MANIFEST).is_file():
-            return read_json(root / MANIFEST)
-        return write_manifest(root, {**fields, "num_shards": num_shards})
+    root = Location(root)
+    dones = [f"{shard_name(i, num_shards)}.done.json" for i in range(num_shards)]
+    if not all(root.exists(d) for d in dones):
+        return None, False
+    ours = build_manifest({**fields, "num_shards": num_shards})
+    if root.create_json(MANIFEST, ours, MANIFEST_LOCK):
+        return ours, True
+    theirs = root.read_json(MANIFEST)
+    differ = sorted(k for k in set(ours) | set(theirs) if k not in VOLATILE and ours.get(k) != theirs.get(k))
+    if differ:
+        raise AdlError(f"{root} was published by another extraction first, and it differs from this one in "
+                       f"{', '.join(differ[:4])}: use another --out, or --overwrite once no writer is running")
+    return theirs, False

@@ -25,6 +25,13 @@ Locks (all advisory, released by the kernel when a process dies, so a kill -9 le
   still running, the wipe is refused with one line instead of deleting under it.
 - ``.shard-XXXXX-of-YYYYY.lock`` (exclusive, in ShardWriter): one writer per shard.
 - ``.manifest.lock``: the first shard to finish writes the manifest; later ones read it.
+
+On a URL (an object store) the same rules hold with objects for files: only objects whose
+name adl writes are deleted (a shard store's objects by their ``shard-...zarr/`` prefix), a
+prefix holding any other object is refused, and nothing is deleted by prefix. Objects cannot
+be locked, so the locks above do not exist there: the manifest's conditional PUT keeps two
+writers from both publishing, one process per shard is the launcher's job, and ``--overwrite``
+must not run while another machine is still writing the same URL (docs/cache.md).
 """
 
 from __future__ import annotations
@@ -35,10 +42,9 @@ import re
 import shutil
 from pathlib import Path
 
-from filelock import FileLock
 
-from adl.cache import read_json, write_json
 from adl.cache.durable import refuse_unsafe_out
+from adl.cache.location import Location
 from adl.cache.summary import human
 from adl.errors import AdlError
 
@@ -85,15 +91,33 @@ def _kind(p: Path) -> str | None:
     return None
 
 
-def check_out(root: Path) -> None:
+def _object_kind(name: str) -> str | None:
+    """The same rule for an object below a URL: "file" for a top-level record adl writes,
+    "dir" for an object inside a shard store's prefix, None for anything else."""
+    top, _, rest = name.partition("/")
+    if rest:
+        return "dir" if OWN["dir"].fullmatch(top) else None
+    return "file" if OWN["file"].fullmatch(name) else None
+
+
+def check_out(root) -> list[str]:
     """Refuse an --out adl must never fill or wipe: a symlink, /, $HOME, the current folder,
-    or a folder holding entries adl did not write (hidden ones included)."""
-    refuse_unsafe_out(root, "cache/NAME")
-    foreign = sorted(p.name for p in root.iterdir() if _kind(p) is None) if root.is_dir() else []
+    or a folder (a URL prefix) holding entries adl did not write (hidden ones included).
+    -> the names of adl's own entries there (lock files aside)."""
+    root = Location(root)
+    if root.url:
+        names = sorted(root.entries())
+        foreign = [n for n in names if _object_kind(n) is None]
+    else:
+        refuse_unsafe_out(root.where, "cache/NAME")
+        paths = sorted(root.where.iterdir()) if root.where.is_dir() else []
+        foreign = [p.name for p in paths if _kind(p) is None]
+        names = [p.name for p in paths if _kind(p) not in (None, "lock")]
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise AdlError(f"{root} holds entries that are not an adl cache ({shown}); adl never deletes what it "
                        "did not write: choose another --out")
+    return names
 
 
 class FolderLock:
@@ -103,12 +127,14 @@ class FolderLock:
     change happens while ``.plan.lock`` is held.
     """
 
-    def __init__(self, root: Path):
-        self.root, self.fd = root, None
+    def __init__(self, root):
+        self.root, self.fd = Location(root), None
 
     def take(self, exclusive: bool) -> None:
         import fcntl
 
+        if self.root.url:  # objects cannot be locked
+            return
         if self.fd is None:
             self.fd = os.open(self.root / FOLDER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -129,7 +155,7 @@ class FolderLock:
         self.release()
 
 
-def prepare_folder(root: Path, ident: dict, overwrite: bool, num_shards: int, folder: FolderLock | None = None) -> str:
+def prepare_folder(root, ident: dict, overwrite: bool, num_shards: int, folder: FolderLock | None = None) -> str:
     """-> "new", "resume" or "complete", after refusing or wiping a folder as needed.
 
     On return (but "complete") ``folder`` is held shared, until the caller releases it
@@ -138,18 +164,19 @@ def prepare_folder(root: Path, ident: dict, overwrite: bool, num_shards: int, fo
     restarts the same configuration from scratch; with several it cannot (a peer shard of
     this very run may be writing already), so there it only replaces other configurations.
     """
+    root = Location(root)
     if folder is None:
         with FolderLock(root) as own:
             return prepare_folder(root, ident, overwrite, num_shards, own)
     check_out(root)
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / LOCK)):
-        check_out(root)  # again under the lock: something may have appeared meanwhile
-        entries = [p for p in root.iterdir() if _kind(p) != "lock"]
-        plan = read_json(root / PLAN) if (root / PLAN).is_file() else None
+    if not root.url:
+        root.where.mkdir(parents=True, exist_ok=True)
+    with root.lock(LOCK):
+        entries = check_out(root)  # again under the lock: something may have appeared meanwhile
+        plan = root.read_json(PLAN) if PLAN in entries else None
         same = plan is not None and plan.get("identity") == ident
         if same and not (overwrite and num_shards == 1):
-            if (root / "manifest.json").is_file():
+            if "manifest.json" in entries:
                 return "complete"
             folder.take(exclusive=False)
             return "resume"
@@ -159,25 +186,29 @@ def prepare_folder(root: Path, ident: dict, overwrite: bool, num_shards: int, fo
                            "replace it, or choose another --out")
         folder.take(exclusive=True)
         _wipe(root)
-        write_json(root / PLAN, {"identity": ident, "resolved": None})
+        root.write_json(PLAN, {"identity": ident, "resolved": None})
         folder.take(exclusive=False)
         return "new"
 
 
-def settle(root: Path, decide) -> dict:
+def settle(root, decide) -> dict:
     """The plan's resolved choices; the first caller computes them with ``decide()``."""
-    with FileLock(str(root / LOCK)):
-        plan = read_json(root / PLAN)
+    root = Location(root)
+    with root.lock(LOCK):
+        plan = root.read_json(PLAN)
         if plan.get("resolved") is None:
             plan["resolved"] = json.loads(json.dumps(decide(), sort_keys=True))
-            write_json(root / PLAN, plan)
+            root.write_json(PLAN, plan)
         return plan["resolved"]
 
 
-def _wipe(root: Path) -> None:
+def _wipe(root: Location) -> None:
     """Remove the entries adl wrote (never a lock file, never anything else). The caller holds
-    the folder lock exclusive, so no writer is at work."""
-    for p in root.iterdir():
+    the folder lock exclusive, so no writer is at work (on a URL: see the module docstring)."""
+    if root.url:  # listed again and named one by one: an object that appeared meanwhile stays
+        root.remove([n for n in root.entries() if _object_kind(n) is not None])
+        return
+    for p in root.where.iterdir():
         kind = _kind(p)
         if kind == "dir":
             shutil.rmtree(p)
@@ -195,9 +226,11 @@ def _diff(old, new, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
-def choose_views(requested, task: str, sizes: dict[str, int], free: int) -> tuple[list[str], str | None]:
+def choose_views(requested, task: str, sizes: dict[str, int], free: int | None) -> tuple[list[str], str | None]:
     """-> (views, note). Default: pooled, plus tokens when everything fits in half the free
-    disk (NER always needs tokens). Whatever must be written has to fit in the free disk."""
+    disk (NER always needs tokens). Whatever must be written has to fit in the free disk.
+    ``free`` None (an object store): no limit."""
+    free = float("inf") if free is None else free
     ways_out = "use --project 64, --views pooled or fewer --layers (e.g. --layers -4:)"
     if requested is None:
         if task == "token" or sizes["pooled"] + sizes["tokens"] < free / 2:
@@ -217,8 +250,12 @@ def choose_views(requested, task: str, sizes: dict[str, int], free: int) -> tupl
     return views, note
 
 
-def free_bytes(root: Path) -> int:
-    path = root
+def free_bytes(root) -> int | None:
+    """Free bytes on the disk that will hold ``root``; None on an object store (no such limit)."""
+    root = Location(root)
+    if root.url:
+        return None
+    path = root.where
     while not path.exists():
         path = path.parent
     return shutil.disk_usage(path).free

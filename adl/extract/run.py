@@ -17,22 +17,25 @@ P pools and s storage bytes:
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.markup import escape
 from rich.text import Text
 
-from adl.cache import BackgroundWriter, ShardWriter, finalize, read_manifest
+from adl.cache import BackgroundWriter, ShardWriter, read_manifest
+from adl.cache.backends import hdf5_on_url
 from adl.cache.durable import disk_full_error, is_disk_full
 from adl.cache.projection import FILE as PROJECTION_FILE
 from adl.cache.projection import Projection
+from adl.cache.location import Location
+from adl.cache.writer import publish
 from adl.cache.summary import human
 from adl.errors import AdlError
 from adl.extract import models, plan, projection, tokenize
@@ -73,7 +76,9 @@ def run_extract(cfg: ExtractConfig) -> dict | None:
     ds = load_dataset(cfg.dataset, text_column=cfg.text_column, label_column=cfg.label_column,
                       limit=cfg.limit, seed=cfg.seed)
     check_classes(ds)
-    root = Path(cfg.out) if cfg.out else Path("cache") / ds.name
+    root = Location(cfg.out if cfg.out else Path("cache") / ds.name)
+    if root.url and cfg.format == "hdf5":
+        raise AdlError(hdf5_on_url(root))
     model_id = models.resolve_model_id(cfg.model)
     hf_config = models.load_config(model_id, cfg.trust_remote_code)
     info = models.describe(model_id, hf_config, cfg.decoder)
@@ -116,9 +121,12 @@ def _run(cfg, root, state, shard, num_shards, ds, info, device, tok, hf_config, 
     fields = _manifest_fields(cfg, ds, info, device, tok, splits, resolved, proj, time.perf_counter() - start)
     fields["loop_seconds"] = round(loop_seconds, 2)
     with disk_errors(root):
-        manifest = finalize(root, num_shards, fields)
+        manifest, wrote = publish(root, num_shards, fields)
     if manifest is None:
         console.print(f"shard {shard + 1} of {num_shards} done; the last shard to finish writes the manifest")
+    elif not wrote:
+        console.print(f"{escape(str(root))}: another writer published the manifest first (at "
+                      f"{escape(str(manifest.get('created')))}); it describes the same cache, so this run uses it")
     else:
         console.print(f"[green]cache complete[/]: {escape(str(root))} ({time.perf_counter() - start:.1f} s); "
                       f"see `adl info {escape(str(root))}`")
@@ -133,7 +141,8 @@ def _settle(cfg, root, task, info, splits, layers, max_length, console) -> dict:
                                 2 if cfg.dtype == "float16" else 4)
     free = plan.free_bytes(root)
     console.print(f"size estimate: pooled ({', '.join(pools)}) {human(sizes['pooled'])}, tokens "
-                  f"{human(sizes['tokens'])} ({len(layers)} x {token_dim} per token); {human(free)} free")
+                  f"{human(sizes['tokens'])} ({len(layers)} x {token_dim} per token); "
+                  + ("an object store" if free is None else f"{human(free)} free"))
 
     def decide() -> dict:
         views, note = plan.choose_views(cfg.views, task, sizes, free)
@@ -149,10 +158,9 @@ def _settle(cfg, root, task, info, splits, layers, max_length, console) -> dict:
 def _projection(cfg, root, backbone, splits, layers, pad) -> Projection:
     """Load the cache's projection, or fit it (first shard to get the lock) and save it, so
     every shard and every resume applies exactly the same matrices."""
-    path = root / PROJECTION_FILE
-    with FileLock(str(root / ".projection.lock")):
-        if path.is_file():
-            return Projection.load(path)
+    with root.lock(".projection.lock"):
+        if root.exists(PROJECTION_FILE):
+            return _load_projection(root)
         hidden = backbone.info.hidden_size
         if cfg.project_method == "random":
             proj = projection.random_projection(hidden, cfg.project, layers, cfg.seed)
@@ -165,8 +173,20 @@ def _projection(cfg, root, backbone, splits, layers, pad) -> Projection:
                     (tokenize.collate(train, b, pad) for b in batches))
             proj = projection.fit_pca(backbone.hidden_states, feed, layers, hidden, cfg.project, cfg.seed,
                                       plan_.device)
-        proj.save(path)
-        return proj
+        if not root.url:
+            proj.save(root / PROJECTION_FILE)
+            return proj
+        # several machines may fit at once (bits can differ across CPUs): the first PUT wins and
+        # every shard applies that one
+        with tempfile.TemporaryDirectory() as tmp:
+            proj.save(Path(tmp) / PROJECTION_FILE)
+            won = root.create_bytes(PROJECTION_FILE, (Path(tmp) / PROJECTION_FILE).read_bytes())
+        return proj if won else _load_projection(root)
+
+
+def _load_projection(root: Location) -> Projection:
+    with root.local_copy(PROJECTION_FILE) as path:
+        return Projection.load(path)
 
 
 def _extract_shard(cfg, root, shard, num_shards, backbone, splits, outputs, pad, console) -> float:

@@ -206,5 +206,5 @@ def resolve(cfg: TrainConfig, cache, *, kind: str | None = None) -> TrainConfig:
             raise AdlError(f"--layer {cfg.layer} is out of range: the cache has {n_layers} layers (0..{n_layers - 1})")
     elif cfg.layer is not None and kind is None:
         raise AdlError(f"--layer applies to --head single-layer or linear-probe, not {head}; drop --layer")
-    out = cfg.out or str(Path("runs") / f"{Path(cache.root).name}-{kind or head}-{datetime.now():%Y%m%d-%H%M%S}")
+    out = cfg.out or str(Path("runs") / f"{cache.root.name}-{kind or head}-{datetime.now():%Y%m%d-%H%M%S}")
     return dataclasses.replace(cfg, **filled, preset=preset, head=head, out=out, device=parse_device(cfg.device))

@@ -13,13 +13,14 @@ Memory. The pooled view (N, L, H) is loaded whole, onto the GPU when training on
 takes under half the free GPU memory. The tokens view of all splits is loaded whole when its
 float32 size sum_splits(total_tokens * L * D * 4) fits ``memory_gb``; otherwise every split is
 streamed in blocks of contiguous examples holding at most
-``block_tokens = max(memory_gb / 2 / (L * D * 4), longest example)`` tokens, so the resident
-data is bounded by
+``block_tokens = max(memory_gb / 3 / (L * D * 4), longest example)`` tokens. The next block is
+read on a background thread while the current one trains (on a local disk or an object store
+alike: zarr fetches the block's chunks concurrently), so the resident data is bounded by
 
-    peak bytes ~= memory_gb / 2 (one float32 block) + memory_gb / 4 (its float16 read, transient)
-                  + B * T_max * L * D * 4 (one padded batch)
+    peak bytes ~= 2 * memory_gb / 3 (the block training and the block being read, float32)
+                  + memory_gb / 6 (the float16 read, transient) + B * T_max * L * D * 4 (one batch)
 
-i.e. about the budget plus one batch, whatever the cache size. Each epoch visits the blocks in
+i.e. under the budget plus one batch, whatever the cache size. Each epoch visits the blocks in
 a shuffled order and each block's examples in shuffled, length-bucketed batches (examples are
 pooled ``BUCKET`` batches at a time and sorted by length inside a pool, so padding stays small;
 the cache stores rows sorted by length, so contiguous blocks already group similar lengths).
@@ -122,15 +123,33 @@ class SplitData:
         if self.offsets is None:
             yield from self._pooled_batches(batch_size, rng)
             return
-        order = range(len(self.blocks)) if rng is None else rng.permutation(len(self.blocks))
-        for b in order:
-            a, e = self.blocks[b]
-            src, base = self._resident, 0
-            if src is None:  # streamed: read this block's rows only
-                base = int(self.offsets[a])
-                src = self._finite(torch.from_numpy(self._values[base:int(self.offsets[e])]))
-            for idx in _batch_indices(np.arange(a, e), self.lengths, batch_size, rng):
-                yield self._collate(src, base, idx)
+        order = list(range(len(self.blocks)) if rng is None else rng.permutation(len(self.blocks)))
+        if self._resident is not None:
+            for b in order:
+                yield from self._block_batches(b, self._resident, 0, batch_size, rng)
+            return
+        # streamed: block i trains while block i + 1 is read on a thread (zarr fetches its chunks
+        # concurrently, from a disk or an object store); at most these two are resident
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="adl-prefetch") as pool:
+            ahead = pool.submit(self._read_block, order[0]) if order else None
+            for i, b in enumerate(order):
+                src, base = ahead.result()
+                ahead = pool.submit(self._read_block, order[i + 1]) if i + 1 < len(order) else None
+                yield from self._block_batches(b, src, base, batch_size, rng)
+                del src
+
+    def _block_batches(self, b: int, src: Tensor, base: int, batch_size: int, rng) -> Iterator[Batch]:
+        a, e = self.blocks[b]
+        for idx in _batch_indices(np.arange(a, e), self.lengths, batch_size, rng):
+            yield self._collate(src, base, idx)
+
+    def _read_block(self, b: int) -> tuple[Tensor, int]:
+        """Block ``b``'s tokens as float32 (rows, L, D), checked finite, and its first row."""
+        a, e = self.blocks[b]
+        base = int(self.offsets[a])
+        return self._finite(torch.from_numpy(self._values[base:int(self.offsets[e])])), base
 
     def _pooled_batches(self, batch_size: int, rng) -> Iterator[Batch]:
         order = np.arange(self.n) if rng is None else rng.permutation(self.n)
@@ -305,7 +324,7 @@ def load_data(cache, view: str, *, device: str, seed: int, memory_gb: float,
                            f"more than --memory-gb {memory_gb:g} (a sample is loaded whole); raise --memory-gb or "
                            "lower --train-limit")
         total = sum(tokens.values()) * row_bytes
-        block_tokens = None if total <= budget else max(1, int((budget - sample) / 2 / row_bytes))
+        block_tokens = None if total <= budget else max(1, int((budget - sample) / 3 / row_bytes))
     train = SplitData(cache, "train", view, device=device, seed=seed, block_tokens=block_tokens, rows=rows)
     _check_classes(cache, train)
     parts = [train] + [SplitData(cache, s, view, device=device, seed=seed, block_tokens=block_tokens)

@@ -11,7 +11,6 @@ its last good head and its history there.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from rich.console import Console
 
 from adl import __version__
 from adl.cache import open_cache, write_json
+from adl.cache.durable import write_bytes
 from adl.errors import AdlError
 from adl.train.config import TrainConfig, pooled_view, resolve, view_for
 from adl.train.console import EpochTable, summary_line
@@ -139,8 +139,8 @@ def run_train(cfg: TrainConfig, *, console: Console | None = None) -> dict:
         console.print(f"kept {cfg.head} (validation {metric}: {scores})", highlight=False, soft_wrap=True)
     write_config(out, "train", {"config": dataclasses.asdict(cfg), "cache_hash": cache.hash,
                                 "adl_version": __version__, "view": view})
-    if (cache.root / "projection.safetensors").is_file() and view == "tokens":
-        shutil.copyfile(cache.root / "projection.safetensors", out / "projection.safetensors")
+    if view == "tokens" and cache.root.exists("projection.safetensors"):  # the cache may be a URL
+        write_bytes(out / "projection.safetensors", cache.root.read_bytes("projection.safetensors"))
     save_head(out, best.head, {**best.info, "epoch": result.best_epoch})
     doc = metrics_doc(result, data.layers, cfg.head, view, data.train.n)
     if len(tried) > 1:
