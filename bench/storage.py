@@ -37,6 +37,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this tree's adl, as the `python -m adl` runs below (cwd=ROOT) use
 BUCKET = "adl-bench"
 
 

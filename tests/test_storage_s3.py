@@ -319,3 +319,24 @@ def test_a_store_that_keeps_failing_stops_with_one_line_and_no_manifest(s3, whol
     flaky.share = 0.0
     run_extract(config(s3, url))  # the store is back: the rerun resumes and publishes
     assert_identical(stored(whole), stored(f"s3://{BUCKET}/down"))
+
+
+def test_check_names_a_missing_and_a_changed_chunk_on_s3(s3, whole):
+    for key in keys(s3, "whole"):
+        s3["client"].copy_object(Bucket=BUCKET, Key=f"damaged/{key}", CopySource={"Bucket": BUCKET, "Key": f"whole/{key}"})
+    url, store = f"s3://{BUCKET}/damaged", f"damaged/{shard_name(0, 1)}.zarr"
+    size = keys(s3, "damaged")[f"{shard_name(0, 1)}.zarr/train/tokens/c/1/0/0"]
+    s3["client"].put_object(Bucket=BUCKET, Key=f"{store}/train/tokens/c/1/0/0", Body=b"\1" * size)
+    assert verify_cache(url) == [f"{shard_name(0, 1)} train/tokens: rows {{}}-{{}} (chunk 1) fail their checksum"
+                                 .format(*_rows(url, "train/tokens", 1))]
+    s3["client"].delete_object(Bucket=BUCKET, Key=f"{store}/train/pooled_mean/c/0/0/0")
+    with pytest.raises(AdlError, match=r"damaged: shard-00000-of-00001 train/pooled_mean: chunk 0 missing"):
+        open_cache(url)
+    res = runner.invoke(app, ["info", url, "--check"])
+    assert res.exit_code == 2 and "train/pooled_mean: chunk 0 missing" in res.output
+
+
+def _rows(url: str, key: str, chunk: int) -> tuple[int, int]:
+    done = Location(url).read_json(f"{shard_name(0, 1)}.done.json")["arrays"][key]
+    step = done["chunk_rows"]
+    return chunk * step, min(done["rows"], (chunk + 1) * step) - 1

@@ -118,7 +118,8 @@ class Location:
     def exists(self, name: str) -> bool:
         if not self.url:
             return (self.where / name).is_file()
-        with self.errors():
+        with self.errors():  # never from a cached listing: another machine may have written it
+            self.fs.invalidate_cache(self.key(name))
             return retry(lambda: self.fs.isfile(self.key(name)), self.show(name))
 
     def is_there(self) -> bool:
@@ -183,6 +184,7 @@ class Location:
     def entries(self) -> dict[str, int]:
         """Every object below a URL location: {relative name: size} (one recursive listing)."""
         with self.errors():
+            self.fs.invalidate_cache()  # a fresh listing, never a cached one
             found = retry(lambda: self.fs.find(self.key(), detail=True), str(self))
         base = self.key() + "/"
         return {p[len(base):]: int(info.get("size") or 0) for p, info in found.items() if p.startswith(base)}

@@ -93,7 +93,7 @@ def _sweep_entry(p: Path) -> Entry:
     if not best.get("best"):
         raise AdlError(f"sweep {p} has no finished point yet; nothing to compare")
     b, metric = best["best"], best["metric"]
-    man = read_manifest(Path(read_json(p / "sweep.json")["cache"]))
+    man = read_manifest(read_json(p / "sweep.json")["cache"])  # a folder or a URL
     with open(p / "results.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("state") == "complete"]
     trials = {str(t) for t in b["trials"]}
