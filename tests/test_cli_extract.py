@@ -98,7 +98,7 @@ def test_bad_input_is_one_clear_line(assets, tmp_path, monkeypatch, case):
         "empty-text": "empty or missing input(s) in column 'text' at row id(s) 1",
         "bad-csv": "bad.csv:3: expected 2 fields, found 3",
         "bad-conll": "bad.conll:2: expected 'word<TAB>tag'",
-        "views": "--views: unknown words; choose from pooled, tokens",
+        "views": "unknown --views 'words'; use one of pooled, tokens",
         "cuda": "--device cuda, but torch",
         "project-too-wide": "--project 64 is wider than the model's hidden size 32",
     }[case]

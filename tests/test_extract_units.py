@@ -20,9 +20,9 @@ def test_config_normalises_and_validates():
     cfg = ExtractConfig(model="m", dataset="d", views="pooled, tokens", pool=["mean", "max"], layers=[0, -1])
     assert cfg.views == ("pooled", "tokens") and cfg.pool == ("mean", "max") and cfg.layers == "0,-1"
     for kwargs, match in [
-        (dict(views="pooled,words"), "--views: unknown words"),
-        (dict(pool="median"), "--pool: unknown median"),
-        (dict(dtype="bfloat16"), "--dtype 'bfloat16' is not one of float16, float32"),
+        (dict(views="pooled,words"), "unknown --views 'words'; use one of pooled, tokens"),
+        (dict(pool="median"), "unknown --pool 'median'"),
+        (dict(dtype="bfloat16"), "unknown --dtype 'bfloat16'; use one of float16, float32"),
         (dict(format="npz"), "--format"),
         (dict(device="tpu"), "--device"),
         (dict(batch_size=0), "--batch-size must be an integer >= 1"),

@@ -128,7 +128,7 @@ def test_setfit_on_a_token_cache_is_refused(assets, tmp_path):
 @pytest.mark.parametrize("args, says", [
     (["--method", "adapter"], "unknown --method"),
     (["--method", "lora", "--virtual-tokens", "4"], "does not apply"),
-    (["--method", "full", "--lr", "-1"], "must be positive"),
+    (["--method", "full", "--lr", "-1"], "--lr must be > 0 (got -1.0)"),
 ])
 def test_bad_flags_are_one_line(assets, tmp_path, args, says):
     res = invoke("finetune", "--cache", assets["seq"], "--out", tmp_path / "r", *args)

@@ -267,8 +267,8 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0():
 
 @pytest.mark.parametrize("args, fragment", [
     ([], "Missing option '--run'"),
-    (["--run", "nowhere", "--port", "70000"], "--port must be <= 65535"),
-    (["--run", "nowhere", "--max-texts", "0"], "--max-texts must be >= 1"),
+    (["--run", "nowhere", "--port", "70000"], "--port must be an integer in [0, 65535] (got 70000)"),
+    (["--run", "nowhere", "--max-texts", "0"], "--max-texts must be an integer >= 1 (got 0)"),
     (["--run", "nowhere/such-run"], "nowhere/such-run"),
 ])
 def test_serve_flag_errors_are_one_line_and_exit_2(args, fragment):

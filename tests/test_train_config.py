@@ -42,8 +42,8 @@ def caches(tmp_path_factory):
     ("heads", 0, "--heads must be an integer >= 1"),
     ("keep", 0.0, r"--keep must be in \(0, 1\]"),
     ("memory_gb", 0.0, "--memory-gb must be > 0"),
-    ("head", "mlp", "unknown head 'mlp'"),
-    ("preset", "sst", "unknown preset 'sst'"),
+    ("head", "mlp", "unknown --head 'mlp'"),
+    ("preset", "sst", "unknown --preset 'sst'"),
     ("device", "tpu", "--device 'tpu' is not a device"),
     ("cache", "", "no cache given"),
 ])

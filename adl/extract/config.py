@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
+from adl.checks import INT_GE0, INT_GE1, Num, check, choice
 from adl.devices import check_device
 from adl.errors import AdlError
 
@@ -19,6 +20,11 @@ FORMATS = ("zarr", "hdf5")
 PROJECT_METHODS = ("pca", "random")
 _INDEX = r"-?\d+"
 _LAYER_ITEM = re.compile(rf"^(?:{_INDEX}|(?:{_INDEX})?:(?:{_INDEX})?(?::(?:{_INDEX})?)?)$")
+
+
+RULES = {**dict.fromkeys(("batch_size", "batch_tokens", "project", "limit", "num_shards"), INT_GE1),
+         "project_sample_tokens": Num(2, integer=True), "max_length": Num(2, integer=True),
+         "shard_index": INT_GE0, "seed": INT_GE0}
 
 
 @dataclass(frozen=True)
@@ -64,33 +70,18 @@ class ExtractConfig:
             object.__setattr__(self, "layers", ",".join(str(int(i)) for i in self.layers))
         if not self.model or not self.dataset:
             raise AdlError("both a model and a dataset are needed: adl extract --model M --dataset D")
-        _check_choices("--views", self.views, VIEWS)
-        _check_choices("--pool", self.pool, POOLS)
+        for flag, values, allowed in (("--views", self.views, VIEWS), ("--pool", self.pool, POOLS)):
+            for v in values or ():
+                choice(flag, v, allowed)
         check_device(self.device)
-        for flag, value, allowed in (
-            ("--dtype", self.dtype, DTYPES),
-            ("--format", self.format, FORMATS),
-            ("--project-method", self.project_method, PROJECT_METHODS),
-        ):
-            if value not in allowed:
-                raise AdlError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
+        choice("--dtype", self.dtype, DTYPES)
+        choice("--format", self.format, FORMATS)
+        choice("--project-method", self.project_method, PROJECT_METHODS)
         if self.views is not None and self.pool is not None and "pooled" not in self.views:
             raise AdlError("--pool needs the pooled view: add it with --views pooled,tokens, or drop --pool")
         if self.project is not None and self.views is not None and "tokens" not in self.views:
             raise AdlError("--project applies to the tokens view: add it with --views pooled,tokens")
-        for flag, value, low in (
-            ("--batch-size", self.batch_size, 1),
-            ("--batch-tokens", self.batch_tokens, 1),
-            ("--project", self.project, 1),
-            ("--project-sample-tokens", self.project_sample_tokens, 2),
-            ("--max-length", self.max_length, 2),
-            ("--limit", self.limit, 1),
-            ("--num-shards", self.num_shards, 1),
-            ("--shard-index", self.shard_index, 0),
-            ("--seed", self.seed, 0),
-        ):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise AdlError(f"{flag} must be an integer >= {low}, got {value!r}")
+        check(self, RULES)
         if self.num_shards is not None and self.shard_index is not None and self.shard_index >= self.num_shards:
             raise AdlError(f"--shard-index {self.shard_index} must be below --num-shards {self.num_shards}")
         if self.layers is not None:
@@ -112,11 +103,6 @@ def _as_tuple(value) -> tuple[str, ...] | None:
     items = tuple(dict.fromkeys(str(v).strip() for v in items if str(v).strip()))
     return items or None
 
-
-def _check_choices(flag: str, values, allowed) -> None:
-    bad = [v for v in values or () if v not in allowed]
-    if bad:
-        raise AdlError(f"{flag}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
 
 
 def check_layer_syntax(spec: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from adl.checks import FRACTION, INT_GE0, INT_GE1, NON_NEGATIVE, POSITIVE, check, choice
 from adl.devices import check_device
 from adl.errors import AdlError
 
@@ -68,28 +69,20 @@ class FinetuneConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise AdlError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
-        positive = ("lr", "batch_size", "max_epochs", "patience", "lora_r", "lora_alpha", "virtual_tokens",
-                    "encoder_hidden", "setfit_iterations", "max_steps", "train_limit")
-        for name in positive:
-            v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise AdlError(f"--{name.replace('_', '-')} must be positive, got {v}")
-        if self.weight_decay is not None and not self.weight_decay >= 0:
-            raise AdlError(f"--weight-decay must be non-negative, got {self.weight_decay}")
-        for name in ("lora_dropout", "dropout"):
-            v = getattr(self, name)
-            if v is not None and not 0 <= v < 1:
-                raise AdlError(f"--{name.replace('_', '-')} must be in [0, 1), got {v}")
-        if self.seed < 0:
-            raise AdlError(f"--seed must be non-negative, got {self.seed}")
+        choice("--method", self.method, METHODS)
+        check(self, RULES)
         check_device(self.device)
         given = {k for k in ("lora_r", "lora_alpha", "lora_dropout", "virtual_tokens", "encoder_hidden",
                              "setfit_iterations") if getattr(self, k) is not None}
         foreign = sorted(given - set(DEFAULTS[self.method]))
         if foreign:
             raise AdlError(f"--{foreign[0].replace('_', '-')} does not apply to --method {self.method}")
+
+
+RULES = {**dict.fromkeys(("batch_size", "max_epochs", "patience", "lora_r", "virtual_tokens", "encoder_hidden",
+                          "setfit_iterations", "max_steps", "train_limit"), INT_GE1),
+         "lr": POSITIVE, "lora_alpha": POSITIVE, "weight_decay": NON_NEGATIVE, "lora_dropout": FRACTION,
+         "dropout": FRACTION, "seed": INT_GE0}
 
 
 def resolve(cfg: FinetuneConfig) -> FinetuneConfig:

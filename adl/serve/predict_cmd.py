@@ -31,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from adl.cache import write_json
+from adl.checks import INT_GE1, check
 from adl.devices import check_device
 from adl.errors import AdlError
 from adl.extract.datasets import TEXT_CANDIDATES, load_dataset, reread_dataset
@@ -64,8 +65,7 @@ class PredictConfig:
         if (self.text_column or self.label_column) and not self.file:
             flag = "--text-column" if self.text_column else "--label-column"
             raise AdlError(f"{flag} goes with --file (a .csv, .jsonl or .parquet file)")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise AdlError(f"--batch-size must be >= 1 (got {self.batch_size})")
+        check(self, {"batch_size": INT_GE1})
         check_device(self.device)
 
 

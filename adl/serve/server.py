@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adl import __version__
+from adl.checks import INT_GE1, Num, check
 from adl.devices import HELP as DEVICE_HELP
 from adl.devices import check_device
 from adl.errors import AdlError
@@ -81,13 +82,8 @@ class ServeConfig:
         object.__setattr__(self, "runs", tuple(self.runs))
         if not self.runs:
             raise AdlError("no run given: pass --run runs/NAME (a folder written by `adl train`), once per head")
-        for name, low in (("port", 0), ("max_batch_size", 1), ("max_body_kb", 1), ("max_texts", 1), ("max_chars", 1)):
-            if getattr(self, name) < low:
-                raise AdlError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
-        if self.port > 65535:
-            raise AdlError(f"--port must be <= 65535, got {self.port}")
-        if not 0 <= self.max_wait_ms <= 10_000:
-            raise AdlError(f"--max-wait-ms must lie in [0, 10000], got {self.max_wait_ms}")
+        check(self, {"port": Num(0, 65535, integer=True), "max_wait_ms": Num(0, 10_000),
+                     **dict.fromkeys(("max_batch_size", "max_body_kb", "max_texts", "max_chars"), INT_GE1)})
         check_device(self.device)
 
 

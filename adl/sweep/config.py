@@ -25,6 +25,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adl.checks import INT_GE1, NON_NEGATIVE, check, choice
 from adl.errors import AdlError
 from adl.train.config import TrainConfig, flag
 
@@ -154,12 +155,11 @@ class SweepConfig:
     def __post_init__(self):
         if not isinstance(self.base, TrainConfig):
             raise AdlError("SweepConfig.base must be a TrainConfig")
-        if self.search not in SEARCHES:
-            raise AdlError(f"unknown --search {self.search!r}; use grid or tpe")
+        choice("--search", self.search, SEARCHES)
         for name, dim in self.space.items():
             _check_dim(self.base, name, dim)
-        if self.seeds < 1:
-            raise AdlError(f"--seeds must be >= 1 (got {self.seeds})")
+        check(self, {"seeds": INT_GE1, "trials": INT_GE1, "group_size": INT_GE1, "top": INT_GE1,
+                     "checkpoint_every_s": NON_NEGATIVE})
         if self.seeds > 1 and "seed" in self.dims:
             raise AdlError("give either --seed with several values or --seeds N, not both")
         if self.search == "grid":
@@ -169,7 +169,7 @@ class SweepConfig:
                                "a grid takes comma-separated values")
             if self.trials is not None:
                 raise AdlError("--trials applies to --search tpe; a grid runs every point")
-        elif self.trials is None or self.trials < 1:
+        elif self.trials is None:
             raise AdlError("--search tpe needs --trials N (N >= 1): how many configurations to try")
         if not self.dims and self.seeds == 1:
             raise AdlError("nothing to sweep: give at least one hyperparameter with several values "
@@ -177,10 +177,6 @@ class SweepConfig:
         if self.baselines not in ("auto", "off") and not Path(self.baselines).exists():
             raise AdlError(f"--baselines {self.baselines}: no such file; give a baselines.csv (or its folder), "
                            "auto or off")
-        if not self.checkpoint_every_s >= 0:
-            raise AdlError(f"--checkpoint-every-s must be >= 0 seconds (got {self.checkpoint_every_s})")
-        if self.group_size < 1 or self.top < 1:
-            raise AdlError("--group-size and --top must be >= 1")
 
     @property
     def dims(self) -> dict:

@@ -21,12 +21,12 @@ The dataclass is frozen and every field has a default, so a sweep point is
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from adl.devices import HELP as DEVICE_HELP
+from adl.checks import INT_GE0, INT_GE1, NON_NEGATIVE, Num, check, choice, flag_of
 from adl.devices import check_device, parse_device
 from adl.errors import AdlError
 
@@ -97,41 +97,25 @@ def _check(c: TrainConfig) -> None:
     """One clear line per out-of-range value (run on construction and on every replace)."""
     if not c.cache:
         raise AdlError("no cache given: pass --cache DIR (a folder written by `adl extract`)")
-    if c.head is not None and c.head not in TRAIN_HEADS:
-        raise AdlError(f"unknown head {c.head!r}; use one of {', '.join(TRAIN_HEADS)}")
-    if c.preset is not None and c.preset not in PRESETS:
-        raise AdlError(f"unknown preset {c.preset!r}; use one of {', '.join(PRESETS)}")
-    ints = dict(k=1, heads=1, layers_enc=1, ff=1, batch_size=1, max_epochs=1, patience=1, lr_patience=0,
-                hidden=1, seed=0, train_limit=1)
-    for name, low in ints.items():
-        v = getattr(c, name)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
-            raise AdlError(f"{flag(name)} must be an integer >= {low} (got {v!r})")
-    if c.layer is not None and (isinstance(c.layer, bool) or not isinstance(c.layer, int)):
-        raise AdlError(f"--layer must be an integer layer index (got {c.layer!r})")
-    _range(c.alpha, "alpha", lambda v: v > 0, "> 0, e.g. 70")
-    _range(c.lam, "lam", lambda v: v >= 0, ">= 0")
-    _range(c.cutoff, "cutoff", lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.005")
-    _range(c.dropout, "dropout", lambda v: 0 <= v < 1, "in [0, 1)")
-    _range(c.lr, "lr", lambda v: v > 0, "> 0, e.g. 1e-4")
-    _range(c.weight_decay, "weight_decay", lambda v: v >= 0, ">= 0")
-    _range(c.lasso, "lasso", lambda v: v >= 0, ">= 0")
-    _range(c.keep, "keep", lambda v: 0 < v <= 1, "in (0, 1]")
-    _range(c.memory_gb, "memory_gb", lambda v: v > 0, "> 0 (GB)")
+    choice("--head", c.head, TRAIN_HEADS)
+    choice("--preset", c.preset, PRESETS)
+    check(c, RULES, flag)
     check_device(c.device)
     if c.layer is not None and c.head is not None and c.head not in _LAYER_HEADS:
         raise AdlError(f"--layer applies to --head single-layer or linear-probe, not {c.head}; drop --layer")
 
 
+RULES = {**dict.fromkeys(("k", "heads", "layers_enc", "ff", "batch_size", "max_epochs", "patience", "hidden",
+                          "train_limit"), INT_GE1),
+         "lr_patience": INT_GE0, "seed": INT_GE0, "layer": Num(integer=True),
+         "alpha": Num(0, low_open=True, example="70"), "lam": NON_NEGATIVE,
+         "cutoff": Num(0, 1, high_open=True, example="0.005"), "dropout": Num(0, 1, high_open=True),
+         "lr": Num(0, low_open=True, example="1e-4"), "weight_decay": NON_NEGATIVE, "lasso": NON_NEGATIVE,
+         "keep": Num(0, 1, low_open=True), "memory_gb": Num(0, low_open=True, example="8 (GB)")}
+
+
 def flag(name: str) -> str:
-    return "--lambda" if name == "lam" else "--" + name.replace("_", "-")
-
-
-def _range(v, name: str, ok, want: str) -> None:
-    if v is None:
-        return
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
-        raise AdlError(f"{flag(name)} must be {want} (got {v!r})")
+    return "--lambda" if name == "lam" else flag_of(name)
 
 
 # ---- resolution against a cache -----------------------------------------------------------
