@@ -27,9 +27,9 @@ from adl.errors import AdlError
 from adl.extract import models
 from adl.extract.datasets import Split
 from adl.extract.loop import to_device
-from adl.extract.pooling import mean_pool
 from adl.extract.recorded import check_tokenizer, recorded_backbone
 from adl.extract.tokenize import TokenizedSplit, collate, make_batches, tokenize_split
+from adl.serve.embedding import embed, embedding_spec
 from adl.serve.decode import entities, joined_spans, sequence_prediction, token_spans
 from adl.train.rundir import Run, check_same_backbone, load_run
 from adl.serve.taps import HeadFeed, LayerTaps, finish_heads
@@ -41,7 +41,7 @@ class Prediction:
 
     heads: dict[str, list[dict]]
     backbone: list[dict] | None = None  # the model's own output per input: name -> tensor, padding removed
-    embeddings: list[list[float]] | None = None  # mean of the last hidden state over real tokens
+    embeddings: list[list[float]] | None = None  # the backbone's sentence embedding (adl.serve.embedding)
     truncated: int = 0  # inputs cut at max_length
     logits: dict[str, list[np.ndarray]] = field(default_factory=dict)  # (C,) or (T, C) per input
 
@@ -90,6 +90,7 @@ class Predictor:
         if self.compute_warning:
             warnings.warn(self.compute_warning, stacklevel=2)
         self.backbone = self.recorded.load(self.plan)
+        self.embedding = embedding_spec(self.recorded.model_id)  # sentence-transformers' pooling, if any
         self.taps = LayerTaps(self.backbone)
         self.feeds = {run.name: HeadFeed(run, self.plan.device) for run in self.runs}
         self.max_length = int(m["tokenizer"]["max_length"])
@@ -177,7 +178,7 @@ class Predictor:
                     for b, i in enumerate(rows):
                         backbone[i] = _one_example(output, b, int(lengths[b]), ids.shape)
                 if embeddings is not None:
-                    emb = mean_pool(last, mask_t).cpu().tolist()
+                    emb = embed(self.embedding, last, mask_t).cpu().tolist()
                     for b, i in enumerate(rows):
                         embeddings[i] = emb[b]
                 if on_rows is not None:

@@ -4,6 +4,7 @@ Endpoints (``create_app``):
 
     POST /v1/predict  {"texts": [...], "heads": [...]?, "return_embedding": false}
                       -> {"results": [{head: answer, ...} per text], "embeddings": [[...]]?}
+    POST /v1/embeddings  OpenAI's embeddings format, heads' answers in an extra field (openai_api.py)
     GET  /v1/heads    name, task, labels, layers, layer weights and test metrics of every head
     GET  /healthz     200 once the model is loaded (it is loaded before the port opens)
     GET  /metrics     Prometheus text: requests, latency, batch sizes
@@ -51,6 +52,7 @@ from adl.devices import check_device
 from adl.errors import AdlError
 from adl.serve.batcher import Batcher, model_thread
 from adl.serve import Predictor
+from adl.serve.openai_api import add_embeddings_route
 
 TOKEN_ENV = "ADL_SERVE_TOKEN"
 # On a CPU a forward costs about its padded tokens, so a coalesced batch of requests is cut into
@@ -272,14 +274,23 @@ def create_app(predictor, cfg: ServeConfig, token: str | None = None, pool: Thre
         """Run the texts through the backbone once and every asked head; per text, what Predictor returns."""
         _check_limits(req, cfg, names)
         heads = None if req.heads is None else list(dict.fromkeys(req.heads))
+        answer = await submit(req.texts, heads, req.return_embedding)
+        return PredictResponse(results=answer.results, embeddings=answer.embeddings)
+
+    async def submit(texts: list[str], heads: list[str] | None, embedding: bool):
+        """One request's share of a batched backbone call; a failed batch fails this request only."""
         try:
             with metrics.in_flight.track_inprogress():
-                answer = await batcher.submit(req.texts, heads, req.return_embedding)
+                return await batcher.submit(texts, heads, embedding)
         except AdlError as e:
             raise HTTPException(422, str(e)) from None
         except Exception as e:  # noqa: BLE001 - the batch failed: this request fails, the server goes on
             raise HTTPException(500, f"prediction failed: {type(e).__name__}: {e}") from None
-        return PredictResponse(results=answer.results, embeddings=answer.embeddings)
+
+    if hasattr(predictor, "manifest"):  # a real Predictor: it knows its backbone and tokenizer
+        def check_texts(texts: list[str]) -> None:
+            _check_limits(PredictRequest(texts=texts), cfg, names)
+        add_embeddings_route(app, predictor, submit, check_texts, authorised)
 
     @app.get("/v1/heads", dependencies=[Depends(authorised)])
     async def heads_endpoint() -> dict:
