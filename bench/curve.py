@@ -60,10 +60,11 @@ from adl.train.metrics import selection_metric  # noqa: E402
 from adl.train.run import run_train, tie_rank  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-HEADS = ("adl train (defaults)", "adalayers (tokens)", "adalayers-pooled", "probe (val-picked layer)",
+HEADS = ("old default (best candidate)", "adalayers (tokens)", "adalayers-pooled", "probe (val-picked layer)",
          "concat probe", "scalar mix")
 PEERS = {"full fine-tuning": "full", "LoRA": "lora"}
-METHODS = (*HEADS, *PEERS)
+DEFAULT = "adl train (defaults)"
+METHODS = (DEFAULT, *HEADS, *PEERS)
 # Peers train to convergence: up to PEER_EPOCHS epochs, stopped after PEER_PATIENCE epochs without a
 # better validation score (adl finetune's own caps, 5 and 10 epochs, stop full fine-tuning of a few
 # hundred examples before it converges at lr 2e-5).
@@ -79,6 +80,18 @@ def finetune(cache: Path, n: int | None, seed: int, work: Path, metric: str, met
     return {"val": doc["validation"][metric], "test": doc["test"][metric], "seconds": doc["seconds"],
             "seconds_total": doc["seconds_total"], "epochs": doc["epochs"], "best_epoch": doc["best_epoch"],
             "stop_reason": doc["stop_reason"]}
+
+
+def default_run(cache: Path, n: int | None, seed: int, work: Path, metric: str) -> dict:
+    """`adl train --train-limit N --seed S` with no other flag, as a user runs it: its score, its
+    training seconds (every candidate's, raced) and wall time, what it kept and every variant's score."""
+    t = time.perf_counter()
+    cfg = TrainConfig(cache=str(cache), seed=seed, train_limit=n, device="cpu", overwrite=True,
+                      out=str(work / f"{n or 'all'}-{seed}" / "default"))
+    doc = run_train(cfg, console=Console(quiet=True))["metrics"]
+    return {DEFAULT: {"val": doc["validation"][metric], "test": doc["test"][metric], "seconds": doc["seconds"],
+                      "wall_seconds": round(time.perf_counter() - t, 1), "head": doc["head"], "mix": doc.get("mix"),
+                      "candidates": doc.get("candidates")}}
 
 
 def train(cfg: TrainConfig, metric: str) -> dict:
@@ -107,19 +120,19 @@ HEAD_OF = {"adalayers (tokens)": "adalayers", "adalayers-pooled": "adalayers-poo
 
 
 def with_default(res: dict) -> dict:
-    """Add the `adl train` default's row: of the runs ``adl.train.run.candidates`` names (the tokens
+    """Add the old `adl train` default's row (before mixing and racing): of the runs ``adl.train.run.candidates`` names (the tokens
     head, the pooled head on a sequence task, the concat probe), the best on validation, a tie
     going to the cheaper by ``adl.train.run.tie_rank``, as ``run_train`` chooses. The runs are the
     same (same seed, sample and config), so the row is taken from theirs; its ``seconds`` are the
     sum of every candidate's, since `adl train` trains them all. A point with peers only (heads
     measured by another process) is returned as it is."""
-    res = {k: v for k, v in res.items() if k != "adl train (defaults)"}
+    res = {k: v for k, v in res.items() if k not in ("adl train (defaults)", HEADS[0]) or "mix" in v}
     tried = [m for m in HEAD_OF if m in res]
     if not tried:
         return res
     kept = max(tried, key=lambda m: (res[m]["val"], tie_rank(HEAD_OF[m])))
     cost = sum(res[m].get("seconds") or 0.0 for m in tried)
-    return {"adl train (defaults)": {**res[kept], "kept": kept, "seconds": cost}, **res}
+    return {HEADS[0]: {**res[kept], "kept": kept, "seconds": cost}, **res}
 
 
 def summarise(points: dict, sizes: list[str], methods: tuple[str, ...]) -> list[dict]:
@@ -137,9 +150,9 @@ def summarise(points: dict, sizes: list[str], methods: tuple[str, ...]) -> list[
         for m in here:
             row = {"size": size, "method": m, "mean": stat[m][0], "std": stat[m][1], "seeds": len(per[m]),
                    "seconds": secs[m]}
-            if m.startswith(("adalayers", "adl train")) and probe in stat:
+            if m.startswith(("adalayers", "adl train", "old default")) and probe in stat:
                 row["vs_best_probe"] = verdict(stat[m], stat[probe], len(per[m])) | {"probe": probe}
-            if m.startswith("adl train") and "full fine-tuning" in stat:
+            if m.startswith(("adl train", "old default")) and "full fine-tuning" in stat:
                 row["vs_full_finetuning"] = verdict(stat[m], stat["full fine-tuning"], len(per[m])) | {
                     "time_ratio": secs[m] / secs["full fine-tuning"] if secs["full fine-tuning"] else None}
             rows.append(row)
@@ -282,7 +295,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--work", default="/tmp/adl-bench-curve")
     ap.add_argument("--methods", default="heads",
-                    help="heads (adl's heads and the probes), full, lora (adl finetune, to convergence); comma-separated")
+                    help="default (`adl train` with no flag), heads (each head and probe alone), full, lora "
+                         "(adl finetune, to convergence); comma-separated")
     ap.add_argument("--redo", action="store_true", help="train (size, seed) points the results file already has")
     ap.add_argument("--report", action="store_true",
                     help="no training: rebuild the table and plot from bench/results/curve-<name>.json")
@@ -298,22 +312,26 @@ def main() -> None:
     if a.report:
         return report(out, name, model, methods, None, 0.0)
     groups = a.methods.split(",")
-    if set(groups) - {"heads", *PEERS.values()}:
-        raise SystemExit(f"--methods takes heads, {', '.join(PEERS.values())}")
+    if set(groups) - {"default", "heads", *PEERS.values()}:
+        raise SystemExit(f"--methods takes default, heads, {', '.join(PEERS.values())}")
     for size in a.sizes.split(","):
         n = total if size == "all" else min(int(size), total)
         for seed in map(int, a.seeds.split(",")):
             for group in groups:
-                names = [m for m in HEADS if m in methods] if group == "heads" else [
-                    m for m, v in PEERS.items() if v == group]
+                names = ([m for m in HEADS[1:] if m in methods] if group == "heads" else [DEFAULT] if group == "default"
+                         else [m for m, v in PEERS.items() if v == group])
                 have = next((p for p in load_results(out)["points"].get(str(n), []) if p["seed"] == seed), {})
-                if all(m in have for m in names) and not a.redo:
+                if all(m in have and (m != DEFAULT or "mix" in have[m]) for m in names) and not a.redo:
                     print(f"{name} n={n} seed={seed} {group}: already in {out.name} (--redo trains it again)")
                     continue
                 t = time.perf_counter()
                 limit = None if n == total else n
-                point = (one_point(Path(a.cache), limit, seed, work, metric, list(range(len(cache.layers))), methods)
-                         if group == "heads" else {names[0]: finetune(Path(a.cache), limit, seed, work, metric, group)})
+                if group == "heads":
+                    point = one_point(Path(a.cache), limit, seed, work, metric, list(range(len(cache.layers))), methods)
+                elif group == "default":
+                    point = default_run(Path(a.cache), limit, seed, work, metric)
+                else:
+                    point = {names[0]: finetune(Path(a.cache), limit, seed, work, metric, group)}
                 save_point(out, n, {**point, "seed": seed, "cache": a.cache}, held, metric)
                 print(f"{name} n={n} seed={seed}: " + ", ".join(f"{m} {100 * point[m]['test']:.2f}" for m in names)
                       + f" ({time.perf_counter() - t:.0f}s)", flush=True)

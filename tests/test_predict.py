@@ -37,6 +37,7 @@ def make_run(assets, tmp, name, data="csv", head=None, extract=None, label=None,
     cache, run = tmp / f"cache-{label or name}", tmp / (label or name)
     if head is None:  # one head per case (the one a tokens or a pooled view suggests), not adl's pick among several
         head = "adalayers" if "tokens" in (extract or {}).get("views", "pooled,tokens") else "adalayers-pooled"
+    head = None if head == "default" else head  # `adl train` with no --head: its mix of candidates
     run_extract(ExtractConfig(model=str(assets[name]), dataset=assets[data], out=str(cache), batch_size=8,
                               progress=False, **(extract or {})))
     run_train(TrainConfig(cache=str(cache), out=str(run), head=head, device="cpu", **{**FAST, **train}))
@@ -75,6 +76,8 @@ CASES = [  # name, data, extract options, train options
     ("bert", "csv", dict(views="tokens", project=4), {}),
     ("bert", "csv", dict(views="pooled", dtype="float32"), dict(head="last-layer")),
     ("bert", "csv", dict(views="pooled,tokens"), dict(head="concat-probe")),  # adl train may keep a probe
+    ("bert", "csv", dict(views="pooled,tokens"), dict(head="default")),  # or a mix of its candidates
+    ("roberta", "conll", {}, dict(head="default")),
     ("roberta", "conll", {}, dict(head="concat-probe")),
     ("roberta", "conll", {}, {}),
     ("roberta", "conll", dict(project=4, project_method="random"), {}),
@@ -108,6 +111,28 @@ def test_live_logits_equal_the_cache_path_and_metrics_match(assets, tmp_path, na
     for k, v in reported.items():
         if isinstance(v, float):
             assert abs(got[k] - v) <= 1e-4, (k, got[k], v)
+
+
+def test_a_mix_of_a_tokens_head_a_pooled_head_and_a_probe_rides_one_pass(assets, tmp_path):
+    """An Ensemble run reads the tokens view; its pooled members mean-pool it, live as on the cache."""
+    from adl.train.ensemble import Ensemble
+    from adl.train.rundir import load_head, save_head
+
+    cache, run = make_run(assets, tmp_path, "bert", extract=dict(views="pooled,tokens"), label="tokens")
+    members = [load_head(run)[0]]
+    for head in ("adalayers-pooled", "concat-probe"):
+        out = tmp_path / head
+        run_train(TrainConfig(cache=str(cache), out=str(out), head=head, device="cpu", **FAST))
+        members.append(load_head(out)[0])
+    info = load_head(run)[1]
+    save_head(run, Ensemble(members, [0.5, 1 / 3, 1 / 6], "sequence"), {k: v for k, v in info.items() if k != "spec"})
+    p = Predictor([run], device="cpu")
+    assert p.runs[0].info["spec"]["name"] == "ensemble"
+    live, _ = live_logits(p, p.runs[0])
+    ref = cache_logits(cache, run)
+    assert set(live) == set(ref)
+    for i in ref:
+        np.testing.assert_allclose(live[i], ref[i], **TOL)
 
 
 def test_backbone_output_is_unchanged_bit_for_bit(assets, tmp_path):

@@ -44,21 +44,23 @@ def test_train_writes_a_run_that_rebuilds_without_the_cache(caches, tmp_path, na
     config = json.loads((out / "config.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     m = "f1" if name == "ner" else "accuracy"
-    # no --head: every default head the cache allows, the best on validation kept (a tie: the cheaper), and said
-    heads = {"seq": ["adalayers", "adalayers-pooled", "concat-probe"], "ner": ["adalayers", "concat-probe"]}[name]
-    assert "head: the best on validation of adalayers (tokens)" in res.output
-    tried = metrics["candidates"]
-    assert list(tried) == heads
-    kept = max(tried, key=lambda h: (tried[h][f"validation_{m}"], heads.index(h)))
-    assert config["config"]["head"] == kept == metrics["head"] and f"kept {kept} " in res.output
-    assert metrics["validation"][m] == tried[kept][f"validation_{m}"]
+    # no --head: every default head the cache allows, cheapest first, mixed with weights chosen on validation
+    heads = {"seq": ["concat-probe", "adalayers-pooled", "adalayers"], "ner": ["concat-probe", "adalayers"]}[name]
+    assert "head: a mix, chosen on validation, of adalayers (tokens)" in res.output
+    tried, mix = metrics["candidates"], metrics["mix"]
+    assert set(tried) == set(heads)  # trained in this order: the cheapest first
+    assert abs(sum(mm["weight"] for mm in mix["members"]) - 1) < 1e-9 and all(mm["weight"] > 0 for mm in mix["members"])
+    kept = "ensemble" if len(mix["members"]) > 1 else mix["members"][0]["head"]
+    assert metrics["head"] == kept and f"kept {kept} " in res.output
+    assert set(mix["variants"]) >= {"best single", "mix"}
     assert config["config"]["lam"] == 0.02
     assert config["cache_hash"] == open_cache(caches[name]).hash and "adl_version" in config
     assert metrics["metric"] == m and set(metrics) >= {"validation", "test", "active_layers", "params"}
     assert ("per_type" if name == "ner" else "per_class") in metrics["test"]
     with open(out / "history.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == (6 if kept == "concat-probe" else 3)  # a probe: one row per C tried
+    best = max(tried, key=lambda h: (tried[h][f"validation_{m}"], -heads.index(h)))  # the history is the best's
+    assert len(rows) == (6 if best == "concat-probe" else tried[best]["epochs"])  # a probe: one row per C tried
     assert {"loss", f"val_{m}", "seconds", "w_0", "w_3"} <= set(rows[0])
     assert abs(sum(float(rows[-1][f"w_{i}"]) for i in range(4)) - 1) < 1e-5
     # the saved head alone reproduces the test metrics
@@ -99,16 +101,16 @@ def test_train_limit_trains_on_a_sample(caches, tmp_path, name):
 def test_pooled_only_cache_tries_the_pooled_head_and_the_probe(caches, tmp_path):
     res = invoke("train", "--cache", caches["pooled"], "--out", tmp_path / "r", *FAST)
     assert res.exit_code == 0, res.output
-    assert "head: the best on validation of adalayers-pooled and concat-probe" in res.output
-    assert list(json.loads((tmp_path / "r" / "metrics.json").read_text())["candidates"]) == ["adalayers-pooled",
-                                                                                            "concat-probe"]
+    assert "head: a mix, chosen on validation, of adalayers-pooled and concat-probe" in res.output
+    assert set(json.loads((tmp_path / "r" / "metrics.json").read_text())["candidates"]) == {"concat-probe",
+                                                                                           "adalayers-pooled"}
 
 
 def test_a_given_head_is_the_only_one_trained(caches, tmp_path):
     res = invoke("train", "--cache", caches["seq"], "--out", tmp_path / "r", "--head", "adalayers", *FAST)
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert "candidates" not in metrics and metrics["head"] == "adalayers" and "best on validation" not in res.output
+    assert "candidates" not in metrics and metrics["head"] == "adalayers" and "a mix" not in res.output
 
 
 def _one_error_line(res, fragment):

@@ -107,3 +107,22 @@ def fit_probe(head: LinearProbe, data: TrainData, cfg, *, on_epoch=None) -> FitR
                      f"logistic regression (L-BFGS), C={CS[best_epoch - 1]:g} chosen on validation",
                      time.perf_counter() - start, trainable_params(head), [float(v) for v in weights],
                      [int(i) for i in np.flatnonzero(weights > 0)])
+
+
+@torch.no_grad()
+def refit_probe(head: LinearProbe, data: TrainData, C: float) -> None:
+    """Fit ``head`` again on train + validation with the C validation chose (standardised with
+    the union's mean and standard deviation): the choice is made, so validation becomes data."""
+    xs, ys = zip(*(probe_features(head, split) for split in (data.train, data.validation)))
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    mean, scale = x.mean(0), x.std(0) + 1e-8
+    lr = LogisticRegression(C=C, max_iter=MAX_ITER)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        lr.fit((x - mean) / scale, y)
+    _fold(head, lr, mean, scale)
+
+
+def chosen_c(result: FitResult) -> float:
+    """The C validation chose (the history row of the best 'epoch')."""
+    return float(result.history[result.best_epoch - 1]["C"])

@@ -45,7 +45,8 @@ from adl.cache.manifest import SCHEMA_VERSION
 from adl.cache.projection import FILE as PROJECTION_FILE
 from adl.cache.projection import Projection
 from adl.errors import AdlError
-from adl.train.heads import head_from_spec, head_spec
+from adl.train.ensemble import build_from_spec
+from adl.train.heads import head_spec
 
 RUN_FILES = frozenset({"config.json", "metrics.json", "history.csv", "head.safetensors", "head.json",
                        "cache_manifest.json", "projection.safetensors", "layer_weights.png",
@@ -133,7 +134,7 @@ def load_head(run_dir) -> tuple[nn.Module, dict]:
     if not (run_dir / "head.json").is_file() or not (run_dir / "head.safetensors").is_file():
         raise AdlError(f"{run_dir} holds no trained head (head.json + head.safetensors); train one with `adl train`")
     info = read_json(run_dir / "head.json")
-    head = head_from_spec(info["spec"])
+    head = build_from_spec(info["spec"])
     head.load_state_dict(load_file(str(run_dir / "head.safetensors")))
     return head.eval(), info
 
