@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from adl.cache.durable import write_bytes
 
 MAGIC = b"ADLCKPT1"
 VERSION = 1
@@ -50,17 +51,7 @@ def write(location: str, payload: dict) -> int:
     data = MAGIC + hashlib.sha256(body).digest() + body
     path = Path(location)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself
-    finally:
-        os.close(fd)
+    write_bytes(path, data)  # temp file, fsync, rename, fsync of the folder
     return len(data)
 
 
