@@ -49,7 +49,7 @@ def test_streaming_gives_the_same_examples_with_bounded_blocks(caches):
     cache = open_cache(caches["ner"])
     L, D = 4, 8
     whole = load_data(cache, "tokens", device="cpu", seed=0, memory_gb=1.0)
-    budget = 2 * 40 * L * D * 4 / 1e9  # room for ~40 tokens per block: far less than the split
+    budget = 3 * 40 * L * D * 4 / 1e9  # room for ~40 tokens per block: far less than the split
     streamed = load_data(cache, "tokens", device="cpu", seed=0, memory_gb=budget)
     assert len(whole.train.blocks) == 1 and len(streamed.train.blocks) > 3
     longest = streamed.train.lengths.max()
@@ -63,6 +63,30 @@ def test_streaming_gives_the_same_examples_with_bounded_blocks(caches):
     # evaluation order is the cache order in both cases (flat predictions line up with labels)
     seq = [i for b_ in streamed.validation.batches(3) for i in b_.index]
     assert seq == list(range(8))
+
+
+def test_the_next_block_is_read_while_the_current_one_trains(caches, monkeypatch):
+    import threading
+
+    from adl.train.data import SplitData
+
+    cache = open_cache(caches["ner"])
+    streamed = load_data(cache, "tokens", device="cpu", seed=0, memory_gb=3 * 40 * 4 * 8 * 4 / 1e9)
+    reads, second = [], threading.Event()
+    original = SplitData._read_block
+
+    def read(self, b):
+        reads.append(b)
+        if len(reads) == 2:
+            second.set()
+        return original(self, b)
+
+    monkeypatch.setattr(SplitData, "_read_block", read)
+    batches = streamed.train.batches(2, epoch=0)
+    first = next(batches)  # the first batch of the first block, still training
+    assert second.wait(30) and len(reads) == 2  # the next block is already being read
+    assert len(first.index) + sum(len(b.index) for b in batches) == streamed.train.n
+    assert len(reads) == len(streamed.train.blocks)  # each block read once
 
 
 def test_order_depends_only_on_seed_and_epoch(caches):
