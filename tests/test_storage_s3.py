@@ -340,3 +340,11 @@ def _rows(url: str, key: str, chunk: int) -> tuple[int, int]:
     done = Location(url).read_json(f"{shard_name(0, 1)}.done.json")["arrays"][key]
     step = done["chunk_rows"]
     return chunk * step, min(done["rows"], (chunk + 1) * step) - 1
+
+
+@pytest.mark.parametrize("args", [["train", "--cache", "CACHE", "--out", "s3://adl-test/runs/a"],
+                                  ["sweep", "--cache", "CACHE", "--alpha", "1,2", "--out", "s3://adl-test/sweeps/a"],
+                                  ["compare", "runs/x", "--out", "s3://adl-test/compare"]])
+def test_run_folders_on_a_url_are_one_line(s3, whole, args):
+    res = runner.invoke(app, [whole if a == "CACHE" else a for a in args])
+    assert res.exit_code == 2 and "are written to a local disk" in res.output and "Traceback" not in res.output

@@ -44,6 +44,14 @@ def is_url(where) -> bool:
     return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+://", text)) and not text.startswith("file://")
 
 
+def local_folder(out, what: str = "run folders") -> Path:
+    """``out`` as a local Path; a URL is refused with one line (only caches live on object stores)."""
+    if is_url(out):
+        raise AdlError(f"--out {mask(out)}: {what} are written to a local disk, where you open them; only the "
+                       "cache (--cache) may be a URL: give a folder such as runs/NAME")
+    return Path(out)
+
+
 def mask(text: str) -> str:
     """``text`` with credentials removed: URL user info, query strings, and the values of the
     credential environment variables wherever they appear."""

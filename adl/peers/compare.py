@@ -28,6 +28,7 @@ from pathlib import Path
 from rich.console import Console
 
 from adl.cache import read_json, read_manifest, write_csv
+from adl.cache.location import local_folder
 from adl.errors import AdlError
 
 SWEEP_POINTS = 10
@@ -172,10 +173,10 @@ def plot(rows: list[dict], x: str, xlabel: str, path: Path) -> None:
 
 def run_compare(cfg: CompareConfig, *, console: Console | None = None) -> dict:
     console = console or Console()
+    out = local_folder(cfg.out, "comparisons")
     entries = [read_entry(p) for p in cfg.paths]
     check_same_data(entries)
     rows = table_rows(entries)
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, entries[0].dataset["name"])
     (out / "compare.md").write_text(text)

@@ -25,6 +25,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adl.cache.location import local_folder
 from adl.checks import INT_GE1, NON_NEGATIVE, check, choice
 from adl.errors import AdlError
 from adl.train.config import TrainConfig, flag
@@ -207,7 +208,7 @@ class SweepConfig:
         return hashlib.sha256(json.dumps(self.definition(), sort_keys=True).encode()).hexdigest()[:10]
 
     def out_dir(self) -> Path:
-        return Path(self.out) if self.out else Path("sweeps") / f"{Path(self.base.cache).name}-{self.digest()}"
+        return local_folder(self.out, "sweep folders") if self.out else Path("sweeps") / f"{Path(self.base.cache).name}-{self.digest()}"
 
 
 def _check_dim(base: TrainConfig, name: str, dim) -> None:

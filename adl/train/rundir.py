@@ -41,6 +41,7 @@ from torch import nn
 from adl import UPGRADE, __version__
 from adl.cache import read_json, write_csv, write_json
 from adl.cache.durable import refuse_unsafe_out
+from adl.cache.location import local_folder
 from adl.cache.manifest import SCHEMA_VERSION
 from adl.cache.projection import FILE as PROJECTION_FILE
 from adl.cache.projection import Projection
@@ -81,7 +82,7 @@ def prepare_out(out: str, overwrite: bool, kind: str) -> Path:
     """The partial folder a new run of ``kind`` is written into (``<out>.partial``, fresh and
     marked at once); refuse an ``out`` that exists unless ``overwrite``, and any folder adl did
     not write (``not_adl_written``)."""
-    path = Path(out)
+    path = local_folder(out)
     refuse_unsafe_out(path, "runs/NAME")
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
