@@ -330,10 +330,21 @@ def serve(
     max_body_kb: Annotated[Optional[int], _O("--max-body-kb", help="request body limit in KiB (default 1024)")] = None,
     max_texts: Annotated[Optional[int], _O("--max-texts", help="texts per request, at most (default 64)")] = None,
     max_chars: Annotated[Optional[int], _O("--max-chars", help="characters per text, at most (default 10000)")] = None,
+    max_concurrent_requests: Annotated[Optional[int], _O("--max-concurrent-requests", help="requests in flight, at "
+                                                         "most; above it 429 with Retry-After (default 512)")] = None,
+    max_batch_tokens: Annotated[Optional[int], _O("--max-batch-tokens", help="padded tokens per backbone batch "
+                                                  "(default 512 on a CPU, the extraction's budget on a GPU)")] = None,
+    request_timeout_s: Annotated[Optional[float], _O("--request-timeout-s", help="seconds a request may wait to "
+                                                     "start, then 503 (default 30)")] = None,
+    graceful_timeout_s: Annotated[Optional[float], _O("--graceful-timeout-s", help="seconds SIGTERM lets requests "
+                                                      "in flight finish (default 20)")] = None,
+    runs_dir: Annotated[Optional[str], _O("--runs-dir", help="folder heads may be loaded from while running "
+                                          "(POST /v1/heads {\"name\": FOLDER}); off by default")] = None,
 ) -> None:
     """Serve the backbone and the heads of one or more runs over HTTP: JSON API, /metrics, a page at /.
 
-    Set $ADL_SERVE_TOKEN to require 'Authorization: Bearer <token>'. SIGTERM drains and exits 0.
+    Set $ADL_SERVE_TOKEN to require 'Authorization: Bearer <token>'. SIGTERM drains for at most
+    --graceful-timeout-s and exits 0. /healthz is liveness, /readyz readiness, /info the limits.
     """
     given = {k: v for k, v in locals().items() if v is not None and k != "run"}
     from adl.serve.server import ServeConfig, run_serve

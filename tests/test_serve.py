@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -43,18 +44,20 @@ def free_port() -> int:
 
 
 class Server:
-    """A server subprocess: started, waited for on /healthz, stopped with SIGTERM."""
+    """A server subprocess: started, waited for on /healthz, stopped with SIGTERM. Its output goes
+    to a file (a pipe nobody reads would block a server that logs thousands of requests)."""
 
     def __init__(self, argv: list[str], env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen([sys.executable, *argv, "--port", str(self.port)], cwd=TESTS.parent,
                                      env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                     stdout=self.log, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 180  # a bound on start-up, not an assertion on speed
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.proc.stdout.read()}")
+                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.output()}")
             try:
                 if httpx.get(self.url + "/healthz", timeout=5).status_code == 200:
                     return
@@ -75,7 +78,8 @@ class Server:
             return self.proc.wait()
 
     def output(self) -> str:
-        return self.proc.stdout.read() if self.proc.poll() is not None else ""
+        self.log.seek(0)
+        return self.log.read()
 
 
 @pytest.fixture(scope="module")
@@ -160,10 +164,11 @@ def test_heads_health_docs_metrics_and_page(server, runs):
         assert h["labels"] == json.loads((run / "head.json").read_text())["label_names"]
         assert h["metrics"] == json.loads((run / "metrics.json").read_text())["test"]
         assert len(h["weights"]) == len(h["layers"]) and abs(sum(h["weights"]) - 1) < 1e-5
-    assert httpx.get(server.url + "/healthz").json() == {"status": "ready", "heads": ["sentiment", "ner"]}
+    assert httpx.get(server.url + "/healthz").json() == {"status": "alive", "heads": ["sentiment", "ner"]}
+    assert httpx.get(server.url + "/readyz").json() == {"status": "ready", "heads": ["sentiment", "ner"]}
     assert "swagger" in httpx.get(server.url + "/docs").text.lower()
     schema = httpx.get(server.url + "/openapi.json").json()
-    assert {"/v1/predict", "/v1/heads", "/healthz", "/metrics"} <= set(schema["paths"])
+    assert {"/v1/predict", "/v1/heads", "/healthz", "/readyz", "/info", "/metrics"} <= set(schema["paths"])
     metrics = httpx.get(server.url + "/metrics", headers=AUTH)
     assert metrics.headers["content-type"].startswith("text/plain")
     for series in ("adl_requests_total{", "adl_request_seconds_bucket{", "adl_batch_texts_bucket{",
@@ -187,6 +192,7 @@ BAD = {  # name: (body or raw bytes, headers, status, a fragment of the message)
     "unknown head": ({"texts": ["a"], "heads": ["sentiment", "pos"]}, {}, 422, "unknown head 'pos'"),
     "a path as head": ({"texts": ["a"], "heads": ["../../etc/passwd"]}, {}, 422, "unknown head"),
     "unknown field": ({"texts": ["a"], "head": ["ner"]}, {}, 422, 'unknown field "head"'),
+    "truncate not a bool": ({"texts": ["a"], "truncate": "no"}, {}, 422, "truncate"),
     "embedding not a bool": ({"texts": ["a"], "return_embedding": "yes"}, {}, 422, "return_embedding"),
     "wrong token": ({"texts": ["a"]}, {"Authorization": "Bearer nope"}, 401, "ADL_SERVE_TOKEN"),
     "no token": ({"texts": ["a"]}, {"Authorization": ""}, 401, "Authorization: Bearer"),

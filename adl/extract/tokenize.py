@@ -61,7 +61,7 @@ def tokenize_split(split, task: str, tokenizer, max_length: int, labeled: bool) 
         chunk = inputs[start : start + _CHUNK]
         enc = tokenizer(chunk, truncation=True, max_length=max_length, **kw)
         ids = enc["input_ids"]
-        truncated += _count_truncated(tokenizer, chunk, ids, max_length, kw)
+        truncated += len(truncated_rows(tokenizer, chunk, [len(r) for r in ids], max_length, kw))
         lengths.append(np.fromiter((len(r) for r in ids), np.int64, count=len(ids)))
         flat.append(np.fromiter((t for r in ids for t in r), np.int32, count=int(lengths[-1].sum())))
         if task == "token":
@@ -82,13 +82,15 @@ def tokenize_split(split, task: str, tokenizer, max_length: int, labeled: bool) 
     return TokenizedSplit(split.name, np.asarray(split.ids, np.int64), input_ids, offsets, truncated, **out)
 
 
-def _count_truncated(tokenizer, chunk, ids, max_length: int, kw: dict) -> int:
-    """Only rows that came out exactly max_length long can have been cut: retokenise those."""
-    full = [i for i, r in enumerate(ids) if len(r) >= max_length]
+def truncated_rows(tokenizer, inputs, lengths, max_length: int, kw: dict) -> list[int]:
+    """Positions of the ``inputs`` that tokenising with truncation at ``max_length`` cut, given the
+    tokenised ``lengths``: only rows that came out max_length long can have been, so only those
+    are tokenised again, whole."""
+    full = [i for i, n in enumerate(lengths) if n >= max_length]
     if not full:
-        return 0
-    again = tokenizer([chunk[i] for i in full], truncation=False, verbose=False, **kw)["input_ids"]
-    return sum(len(r) > max_length for r in again)
+        return []
+    again = tokenizer([inputs[i] for i in full], truncation=False, verbose=False, **kw)["input_ids"]
+    return [i for i, r in zip(full, again) if len(r) > max_length]
 
 
 def align_labels(word_ids: list, word_tags: list[int] | None) -> np.ndarray:

@@ -61,3 +61,11 @@ def entities(logits: np.ndarray, word_ids: np.ndarray, spans: dict[int, tuple[in
         start, end = where[a][0], where[b][1]
         out.append({"type": kind, "start": int(start), "end": int(end), "text": text[start:end]})
     return out
+
+
+def raw_scores(answer: dict, logits: np.ndarray) -> dict:
+    """A sequence head's answer with its logits in place of probabilities ({"label", "scores":
+    {name: logit}}, the names in the order of ``probs``); a token head's answer as it is."""
+    if "probs" not in answer:
+        return answer
+    return {"label": answer["label"], "scores": {n: float(v) for n, v in zip(answer["probs"], logits)}}

@@ -223,8 +223,8 @@ def run_predict(cfg: PredictConfig, console: Console | None = None, stdout=None)
     if not inputs.items:
         raise AdlError("no non-empty input to predict")
     enc = p.encode(inputs.items, inputs.labels)
-    if enc.ts.truncated:
-        console.print(f"truncated {enc.ts.truncated} input(s) to max_length {p.max_length} tokens, as at extraction")
+    if enc.cut.any():
+        console.print(f"truncated {int(enc.cut.sum())} input(s) to max_length {p.max_length} tokens, as at extraction")
     start = time.perf_counter()
     with _progress(console) as bar:
         task = bar.add_task("predict", total=len(inputs.items))

@@ -2,14 +2,19 @@
 
 Endpoints (``create_app``):
 
-    POST /v1/predict  {"texts": [...], "heads": [...]?, "return_embedding": false}
-                      -> {"results": [{head: answer, ...} per text], "embeddings": [[...]]?}
-    POST /v1/embeddings  OpenAI's embeddings format, heads' answers in an extra field (openai_api.py)
-    GET  /v1/heads    name, task, labels, layers, layer weights and test metrics of every head
-    GET  /healthz     200 once the model is loaded (it is loaded before the port opens)
-    GET  /metrics     Prometheus text: requests, latency, batch sizes
-    GET  /docs        the OpenAPI UI (schema at /openapi.json)
-    GET  /            the static page (adl/serve/static/index.html)
+    POST   /v1/predict  {"texts": [...], "heads": [...]?, "return_embedding": false, "truncate": true,
+                         "raw_scores": false}
+                        -> {"results": [{head: answer, ...} per text], "embeddings": [[...]]?, "truncated": [i]?}
+    POST   /v1/embeddings  OpenAI's embeddings format, heads' answers in an extra field (openai_api.py)
+    GET    /v1/heads    name, task, labels, layers, layer weights and test metrics of every head
+    POST   /v1/heads    {"name": N}: load the run folder --runs-dir/N onto the running backbone
+    DELETE /v1/heads/N  unload head N
+    GET    /info        model id and revision, adl version, heads, every limit in force
+    GET    /healthz     liveness: 200 while the batching loop lives (the model is loaded before the port opens)
+    GET    /readyz      readiness: 200 when the loop lives, the server is not draining and not saturated
+    GET    /metrics     Prometheus text (adl/serve/metrics.py)
+    GET    /docs        the OpenAPI UI (schema at /openapi.json)
+    GET    /            the static page (adl/serve/static/index.html)
 
 Why FastAPI + uvicorn: the request schema is declared once (pydantic) and gives validation,
 the OpenAPI document and /docs for free; uvicorn handles SIGTERM gracefully (stop accepting,
@@ -17,22 +22,25 @@ finish in-flight requests) and both are widely used and maintained. LitServe wou
 but owns the worker processes and the request path, and we need our own batcher to merge head
 subsets and isolate failing requests (adl/serve/batcher.py).
 
-Security: binds 127.0.0.1 unless --host says otherwise; when $ADL_SERVE_TOKEN is set, /v1/* and
-/metrics need ``Authorization: Bearer <token>``; body size, texts per request and characters per
-text are capped; no request field is ever used as a path (heads are names checked against the
-loaded ones). Every error is JSON ``{"error": "what is wrong and how to fix it"}``.
+Admission and shutdown: at most --max-concurrent-requests in flight (429 with Retry-After above
+it), a request not started within --request-timeout-s is dropped (503), one whose client went away
+is never computed; SIGTERM drains for at most --graceful-timeout-s, then exits 0.
+
+Security: binds 127.0.0.1 unless --host says otherwise; when $ADL_SERVE_TOKEN is set, /v1/*, /info
+and /metrics need ``Authorization: Bearer <token>``; body size, texts per request and characters
+per text are capped; no request field is used as a path except a head's folder name, which must be
+a plain name inside --runs-dir. Every error is JSON ``{"error": "what is wrong and how to fix it"}``.
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
-import json
 import os
 import signal
-import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +49,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -50,8 +58,12 @@ from adl.checks import INT_GE1, Num, check
 from adl.devices import HELP as DEVICE_HELP
 from adl.devices import check_device
 from adl.errors import AdlError
-from adl.serve.batcher import Batcher, model_thread
 from adl.serve import Predictor
+from adl.serve.batcher import (Batcher, ClientGone, Limits, LoopDied, Overloaded, ShuttingDown, TimedOut, TooLong,
+                               model_thread)
+from adl.serve.live_heads import LoadRequest, Served
+from adl.serve.metrics import Metrics
+from adl.serve.middleware import BodyLimit, Counted, access_log, error
 from adl.serve.openai_api import add_embeddings_route
 
 TOKEN_ENV = "ADL_SERVE_TOKEN"
@@ -61,6 +73,7 @@ TOKEN_ENV = "ADL_SERVE_TOKEN"
 # 117 at 4096 (bench/serve.py, docs/serve.md). A GPU keeps the extraction's budget.
 CPU_BATCH_TOKENS = 512
 PAGE = Path(__file__).parent / "static" / "index.html"
+RETRY_AFTER = "1"  # seconds a refused client should wait: a batch or two
 
 
 def _opt(help_: str, default=None):
@@ -79,14 +92,24 @@ class ServeConfig:
     max_body_kb: int = _opt("request body size limit in KiB", 1024)
     max_texts: int = _opt("texts per request, at most", 64)
     max_chars: int = _opt("characters per text, at most", 10_000)
+    max_concurrent_requests: int = _opt("requests in flight (waiting or running), at most; above it 429", 512)
+    max_batch_tokens: int | None = _opt("padded tokens per backbone batch, at most (default: 512 on a CPU, the "
+                                        "extraction's budget on a GPU)", None)
+    request_timeout_s: float = _opt("seconds a request may wait to start; then it is dropped with 503", 30.0)
+    graceful_timeout_s: float = _opt("seconds SIGTERM lets the requests in flight finish before exiting", 20.0)
+    runs_dir: str | None = _opt("the one folder heads may be loaded from while running (POST /v1/heads)", None)
 
     def __post_init__(self):
         object.__setattr__(self, "runs", tuple(self.runs))
         if not self.runs:
             raise AdlError("no run given: pass --run runs/NAME (a folder written by `adl train`), once per head")
         check(self, {"port": Num(0, 65535, integer=True), "max_wait_ms": Num(0, 10_000),
-                     **dict.fromkeys(("max_batch_size", "max_body_kb", "max_texts", "max_chars"), INT_GE1)})
+                     **dict.fromkeys(("request_timeout_s", "graceful_timeout_s"), Num(0, 3600, low_open=True)),
+                     **dict.fromkeys(("max_batch_size", "max_body_kb", "max_texts", "max_chars",
+                                      "max_concurrent_requests", "max_batch_tokens"), INT_GE1)})
         check_device(self.device)
+        if self.runs_dir is not None and not Path(self.runs_dir).is_dir():
+            raise AdlError(f"--runs-dir {self.runs_dir} is not a folder: name the folder that holds your run folders")
 
 
 class PredictRequest(BaseModel):
@@ -94,40 +117,24 @@ class PredictRequest(BaseModel):
     texts: list[StrictStr] = Field(min_length=1, description="the texts to run, one answer each")
     heads: list[StrictStr] | None = Field(None, description="head names to run (default: every head)")
     return_embedding: StrictBool = Field(False, description="also return the backbone's sentence embedding")
+    truncate: StrictBool = Field(True, description="cut a text over the model's max_length (and list it in "
+                                                   '"truncated"); false: answer 413 instead')
+    raw_scores: StrictBool = Field(False, description="sequence heads: the logits (\"scores\") instead of "
+                                                      "probabilities")
+
+
+FIELDS = ", ".join(PredictRequest.model_fields)
 
 
 class PredictResponse(BaseModel):
     results: list[dict[str, Any]] = Field(description="per text, {head name: that head's answer}")
     embeddings: list[list[float]] | None = Field(None, description="per text, with return_embedding")
+    truncated: list[int] | None = Field(None, description="positions of the texts cut at the model's max_length")
 
 
-class Metrics:
-    """Prometheus series, in a registry of their own (one app, one registry)."""
-
-    def __init__(self):
-        self.registry = r = CollectorRegistry()
-        self.requests = Counter("adl_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
-        self.latency = Histogram("adl_request_seconds", "request latency (seconds) by route", ["route"], registry=r,
-                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
-        self.batch_texts = Histogram("adl_batch_texts", "texts per backbone call", registry=r,
-                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-        self.batch_requests = Histogram("adl_batch_requests", "requests per backbone call", registry=r,
-                                        buckets=(1, 2, 4, 8, 16, 32, 64))
-        self.batch_seconds = Histogram("adl_batch_seconds", "seconds per backbone call", registry=r,
-                                       buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
-        self.batch_failures = Counter("adl_batch_failures", "backbone calls that raised", registry=r)
-        self.in_flight = Gauge("adl_predict_in_flight", "predict requests being answered", registry=r)
-
-    def on_batch(self, texts: int, requests: int, seconds: float, failed: bool) -> None:
-        self.batch_texts.observe(texts)
-        self.batch_requests.observe(requests)
-        self.batch_seconds.observe(seconds)
-        if failed:
-            self.batch_failures.inc()
-
-
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+# how each way a predict request can fail is answered
+FAILURES = {Overloaded: 429, TimedOut: 503, ShuttingDown: 503, ClientGone: 499, TooLong: 413, AdlError: 422,
+            LoopDied: 500}
 
 
 def _explain(errors) -> str:
@@ -143,103 +150,36 @@ def _explain(errors) -> str:
         elif e["type"] == "too_short" and where == "texts":
             parts.append('"texts" is empty: send at least one text')
         elif e["type"] == "extra_forbidden":
-            parts.append(f'unknown field "{where}": the fields are texts, heads, return_embedding')
+            parts.append(f'unknown field "{where}": the fields are {FIELDS}')
         elif e["type"] in ("model_type", "model_attributes_type", "dict_type"):
             parts.append('the body must be a JSON object such as {"texts": ["some text"]}')
         else:
             want = {"texts": "a list of strings", "heads": "a list of head names (strings)",
-                    "return_embedding": "true or false"}.get(where.split(".")[0], "")
+                    "return_embedding": "true or false", "truncate": "true or false",
+                    "raw_scores": "true or false"}.get(where.split(".")[0], "")
             parts.append(f'"{where}": {e["msg"].lower()}' + (f" ({want.split(' (')[0]} expected)" if want else ""))
     return "; ".join(parts)
 
 
-class BodyLimit:
-    """ASGI middleware: a body over ``max_bytes`` is answered 413 before the app reads any of it.
-
-    The body is read here (at most max_bytes + one chunk held) and replayed to the app, so a
-    chunked upload without Content-Length is capped too.
-    """
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        declared = headers.get(b"content-length", b"").decode()
-        chunks, size, more = [], 0, True
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            more = False
-            size = int(declared)
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False) and size <= self.max_bytes
-        if size > self.max_bytes:
-            kb = self.max_bytes // 1024
-            response = _error(413, f"the request body is over the {kb} KiB limit (--max-body-kb): send fewer "
-                                   "or shorter texts per request")
-            return await response(scope, receive, send)
-        body, replayed = b"".join(chunks), False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-
-class Counted:
-    """ASGI middleware: requests by route and status, and their latency, into ``metrics`` (a plain
-    ASGI wrapper: starlette's BaseHTTPMiddleware costs a task and a stream per request)."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), [500]
-
-        async def sending(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            route = scope.get("route")  # set by the router on the scope it was given
-            path = route.path if route is not None else "other"
-            self.metrics.requests.labels(path, str(status[0])).inc()
-            self.metrics.latency.labels(path).observe(time.perf_counter() - start)
-
-
-def create_app(predictor, cfg: ServeConfig, token: str | None = None, pool: ThreadPoolExecutor | None = None) -> FastAPI:
+def create_app(predictor, cfg: ServeConfig, token: str | None = None, pool: Executor | None = None) -> FastAPI:
     """The ASGI app around a loaded Predictor (anything with .names, .heads_info() and __call__);
     ``pool``: the model thread it was loaded on (adl.serve.batcher.model_thread), which runs every call."""
     metrics = Metrics()
-    names = list(predictor.names)
-
-    batcher = Batcher(predictor, cfg.max_batch_size, cfg.max_wait_ms / 1000, metrics.on_batch, pool)
-    heads_doc = {"heads": _jsonable(batcher.call(predictor.heads_info))}  # fixed once loaded
+    limits = Limits(cfg.max_concurrent_requests, cfg.request_timeout_s)
+    batcher = Batcher(predictor, cfg.max_batch_size, cfg.max_wait_ms / 1000, metrics, pool, limits)
+    metrics.watch(batcher)
+    served = Served(predictor, batcher, cfg.runs_dir)
 
     @asynccontextmanager
     async def lifespan(_app):
         batcher.start()
-        yield  # uvicorn has finished every in-flight request when it resumes here
+        yield  # uvicorn has finished (or, past --graceful-timeout-s, cancelled) every request when it resumes
         await batcher.stop()
 
     app = FastAPI(title="adl serve", version=__version__, lifespan=lifespan,
                   description="Side-task heads on a frozen transformer. Every error is "
                               '`{"error": "what is wrong and how to fix it"}`.')
+    app.state.batcher = batcher
     bearer = HTTPBearer(auto_error=False, description=f"needed when ${TOKEN_ENV} is set on the server")
 
     async def authorised(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
@@ -253,58 +193,97 @@ def create_app(predictor, cfg: ServeConfig, token: str | None = None, pool: Thre
 
     @app.exception_handler(StarletteHTTPException)  # also starlette's own 404/405
     async def http_error(_request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, exc: RequestValidationError):
-        return _error(422, _explain(exc.errors()))
+        return error(422, _explain(exc.errors()))
 
     @app.exception_handler(404)
-    async def not_found(request: Request, _exc):
-        return _error(404, f"no such endpoint {request.url.path}: see /docs")
-
+    async def not_found(request: Request, exc):
+        if getattr(exc, "detail", "Not Found") != "Not Found":  # ours, with its own message
+            return error(404, str(exc.detail))
+        return error(404, f"no such endpoint {request.url.path}: see /docs")
 
     app.add_middleware(Counted, metrics=metrics)
+    guarded = [Depends(authorised)]
 
-    @app.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True,
-              dependencies=[Depends(authorised)],
-              responses={401: {"description": "wrong token"}, 413: {"description": "body too large"},
-                         422: {"description": "bad input"}, 500: {"description": "the batch failed"}})
-    async def predict_endpoint(req: PredictRequest) -> PredictResponse:
+    @app.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True, dependencies=guarded,
+              responses={401: {"description": "wrong token"}, 413: {"description": "body or a text too long"},
+                         422: {"description": "bad input"}, 429: {"description": "too many requests in flight"},
+                         500: {"description": "the batch failed"}, 503: {"description": "not started in time"}})
+    async def predict_endpoint(req: PredictRequest, request: Request) -> PredictResponse:
         """Run the texts through the backbone once and every asked head; per text, what Predictor returns."""
-        _check_limits(req, cfg, names)
+        _check_limits(req, cfg, served.names)
         heads = None if req.heads is None else list(dict.fromkeys(req.heads))
-        answer = await submit(req.texts, heads, req.return_embedding)
-        return PredictResponse(results=answer.results, embeddings=answer.embeddings)
+        answer = await submit(req.texts, heads, req.return_embedding, raw_scores=req.raw_scores,
+                              truncate=req.truncate, gone=_client_gone(request))
+        return PredictResponse(results=answer.results, embeddings=answer.embeddings,
+                               truncated=answer.truncated or None)
 
-    async def submit(texts: list[str], heads: list[str] | None, embedding: bool):
-        """One request's share of a batched backbone call; a failed batch fails this request only."""
+    async def submit(texts: list[str], heads: list[str] | None, embedding: bool, **options):
+        """One request's share of a batched backbone call; a failed batch fails this request only.
+        ``options``: raw_scores, truncate, gone (see Batcher.submit)."""
         try:
             with metrics.in_flight.track_inprogress():
-                return await batcher.submit(texts, heads, embedding)
-        except AdlError as e:
-            raise HTTPException(422, str(e)) from None
-        except Exception as e:  # noqa: BLE001 - the batch failed: this request fails, the server goes on
-            raise HTTPException(500, f"prediction failed: {type(e).__name__}: {e}") from None
+                return await batcher.submit(texts, heads, embedding, **options)
+        except Exception as e:  # noqa: BLE001 - this request fails, the server goes on
+            raise _failed(e, metrics) from None
 
     if hasattr(predictor, "manifest"):  # a real Predictor: it knows its backbone and tokenizer
         def check_texts(texts: list[str]) -> None:
-            _check_limits(PredictRequest(texts=texts), cfg, names)
+            _check_limits(PredictRequest(texts=texts), cfg, served.names)
         add_embeddings_route(app, predictor, submit, check_texts, authorised)
 
-    @app.get("/v1/heads", dependencies=[Depends(authorised)])
+    @app.get("/v1/heads", dependencies=guarded)
     async def heads_endpoint() -> dict:
         """Every head: name, task, labels, layers, layer weights and the run's test metrics."""
-        return heads_doc
+        return served.doc
+
+    @app.post("/v1/heads", dependencies=guarded, status_code=201)
+    async def load_head(req: LoadRequest) -> dict:
+        """Load the head of run folder --runs-dir/NAME onto the running backbone (requests in flight are unaffected)."""
+        return await served.load(req.name)
+
+    @app.delete("/v1/heads/{name}", dependencies=guarded)
+    async def unload_head(name: str) -> dict:
+        """Unload a head (the requests admitted before still get it)."""
+        return await served.unload(name)
+
+    @app.get("/info", dependencies=guarded)
+    async def info() -> dict:
+        """The model, adl's version, the heads and every limit in force."""
+        model = getattr(predictor, "manifest", {}).get("model", {})
+        return {"model": {"id": model.get("id"), "revision": model.get("revision"),
+                          "config_hash": model.get("config_hash")},
+                "adl_version": __version__, "heads": served.names,
+                "max_length": getattr(predictor, "max_length", None),
+                "limits": {**{k: v for k, v in asdict(cfg).items() if k not in ("runs", "host", "port", "device",
+                                                                                "runs_dir")},
+                           "max_batch_tokens": getattr(predictor, "batch_tokens", cfg.max_batch_tokens)},
+                "runs_dir": cfg.runs_dir is not None}
 
     @app.get("/healthz")
-    async def healthz() -> dict:
-        """Ready: the model is loaded before the port opens, so answering means ready."""
-        return {"status": "ready", "heads": names}
+    async def healthz() -> JSONResponse:
+        """Liveness: 200 while the batching loop lives (the model is loaded before the port opens)."""
+        if batcher.dead is not None:
+            return error(500, f"the batching loop died ({batcher.dead}): restart the server")
+        return JSONResponse({"status": "alive", "heads": served.names})
 
-    @app.get("/metrics", dependencies=[Depends(authorised)], response_class=Response)
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Readiness: the loop lives, the server is not shutting down, and it can admit a request."""
+        why = [w for bad, w in ((batcher.dead is not None, f"the batching loop died ({batcher.dead})"),
+                                (batcher.draining, "shutting down"),
+                                (batcher.saturated, f"{len(batcher.admitted)} requests in flight, the limit is "
+                                                    f"{limits.max_requests} (--max-concurrent-requests)")) if bad]
+        if why:
+            return error(503, "not ready: " + "; ".join(why))
+        return JSONResponse({"status": "ready", "heads": served.names})
+
+    @app.get("/metrics", dependencies=guarded, response_class=Response)
     async def metrics_endpoint() -> Response:
-        """Prometheus text format: adl_requests_total, adl_request_seconds, adl_batch_texts, ..."""
+        """Prometheus text format: adl_requests_total, adl_queue_wait_seconds, adl_batch_tokens, ..."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", include_in_schema=False)
@@ -312,6 +291,29 @@ def create_app(predictor, cfg: ServeConfig, token: str | None = None, pool: Thre
         return FileResponse(PAGE, media_type="text/html")
 
     return app
+
+
+def _client_gone(request: Request):
+    """-> an awaitable factory that returns once the client has disconnected."""
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    return gone
+
+
+def _failed(e: Exception, metrics: Metrics) -> HTTPException:
+    """A failed predict request as the HTTP error that tells the client what happened."""
+    status = next((code for kind, code in FAILURES.items() if isinstance(e, kind)), 500)
+    counter = {429: metrics.rejected, 503: metrics.timed_out if isinstance(e, TimedOut) else None,
+               499: metrics.abandoned}.get(status)
+    if counter is not None:
+        counter.inc()
+    if status == 429:
+        return HTTPException(429, f"too many requests in flight ({e}, --max-concurrent-requests): retry after "
+                                  f"{RETRY_AFTER} s", headers={"Retry-After": RETRY_AFTER})
+    if status in (413, 422, 499, 503) or isinstance(e, LoopDied):
+        return HTTPException(status, str(e), headers={"Retry-After": RETRY_AFTER} if status == 503 else None)
+    return HTTPException(500, f"prediction failed: {type(e).__name__}: {e}")
 
 
 def _check_limits(req: PredictRequest, cfg: ServeConfig, names: list[str]) -> None:
@@ -332,30 +334,53 @@ def _check_limits(req: PredictRequest, cfg: ServeConfig, names: list[str]) -> No
         raise HTTPException(422, '"heads" is empty: leave it out for every head, or name some')
 
 
-def _jsonable(value):
-    """heads_info() may hold numpy or torch scalars: JSON them through float/int/str."""
-    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also tells the app when a stop signal arrives (``on_exit``)."""
+
+    def __init__(self, config: uvicorn.Config, on_exit):
+        super().__init__(config)
+        self.on_exit = on_exit
+
+    def handle_exit(self, sig, frame) -> None:
+        if not self.should_exit:
+            self.on_exit()
+        super().handle_exit(sig, frame)
 
 
 def serve_app(app: FastAPI, cfg: ServeConfig, log_level: str = "info") -> None:
-    """Run ``app`` under uvicorn until SIGTERM/SIGINT; returns (exit 0) once in-flight requests are done.
+    """Run ``app`` under uvicorn until SIGTERM/SIGINT; returns (exit 0) once in-flight requests are
+    done, or after --graceful-timeout-s: the requests still unanswered then get 503.
 
     uvicorn drains on the signal, then raises it again with the handler that was installed
-    before it started; ours ignores it, so the drained server returns instead of dying by it.
+    before it started; ours ignores it, so the drained server returns instead of dying by it,
+    and the handlers of before are back when this returns.
     """
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    batcher, grace = app.state.batcher, cfg.graceful_timeout_s
+    # our answers leave before uvicorn's own deadline cancels what is left (it starts after a tick or two)
+    on_exit = functools.partial(batcher.drain_soon, max(grace - min(0.5, grace / 2), 0.0))
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
         signal.signal(sig, lambda *_: None)
+    access_log(log_level)
     config = uvicorn.Config(BodyLimit(app, cfg.max_body_kb * 1024), host=cfg.host, port=cfg.port,
-                            log_level=log_level, server_header=False, timeout_graceful_shutdown=None)
-    server = uvicorn.Server(config)
-    server.run()
+                            log_level=log_level, server_header=False, access_log=False,
+                            timeout_graceful_shutdown=grace)
+    server = _Server(config, on_exit)
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if not server.started:
         raise AdlError(f"could not listen on {cfg.host}:{cfg.port} (in use? pick another --port)")
 
 
-def for_serving(predictor: Predictor) -> Predictor:
-    """The server's batching: on a CPU, backbone batches of at most CPU_BATCH_TOKENS padded tokens."""
-    if predictor.plan.device == "cpu":
+def for_serving(predictor: Predictor, max_batch_tokens: int | None = None) -> Predictor:
+    """The server's batching: backbone batches of at most ``max_batch_tokens`` padded tokens
+    (default: CPU_BATCH_TOKENS on a CPU, the extraction's budget elsewhere)."""
+    if max_batch_tokens is not None:
+        predictor.batch_tokens = max_batch_tokens
+    elif predictor.plan.device == "cpu":
         predictor.batch_tokens = min(predictor.batch_tokens, CPU_BATCH_TOKENS)
     return predictor
 
@@ -363,6 +388,6 @@ def for_serving(predictor: Predictor) -> Predictor:
 def run_serve(cfg: ServeConfig) -> None:
     """Load the heads of ``cfg.runs`` and their backbone, then serve until SIGTERM."""
     pool = model_thread()  # the model is loaded on the thread that will run it (see its docstring)
-    predictor = for_serving(pool.submit(Predictor, list(cfg.runs), cfg.device).result())
+    predictor = for_serving(pool.submit(Predictor, list(cfg.runs), cfg.device).result(), cfg.max_batch_tokens)
     token = os.environ.get(TOKEN_ENV) or None
     serve_app(create_app(predictor, cfg, token, pool), cfg)

@@ -234,9 +234,11 @@ class LayerTaps:
         """The same call as extraction (``Backbone.hidden_states``) without ``output_hidden_states``;
         encoder states of an encoder-decoder run the encoder alone unless the model's output is wanted."""
         bb = self.backbone
+        # a decoder builds its key/value cache for generation; only the model's own output keeps it
+        kw = {"use_cache": False} if not full and getattr(bb.model.config, "use_cache", False) else {}
         if bb.info.family == "encoder-decoder" and bb.info.states == "decoder":
             return bb.model(input_ids=ids, attention_mask=mask, decoder_input_ids=bb.shift_right(ids),
-                            decoder_attention_mask=mask)
+                            decoder_attention_mask=mask, **kw)
         if bb.info.family == "encoder-decoder" and not full:
             return self.stack(input_ids=ids, attention_mask=mask)
-        return bb.model(input_ids=ids, attention_mask=mask)
+        return bb.model(input_ids=ids, attention_mask=mask, **kw)
