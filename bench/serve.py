@@ -30,8 +30,12 @@ measures around it, so a slower minute on this shared machine hits both sides of
     --seconds per level after a 2 s warm-up: requests/s and p50/p95/p99 latency, and what the
     server did meanwhile: backbone calls (texts and milliseconds each), the share of the time a
     backbone call was running, and the cores its event loop used.
+(d) overload, after the rounds: a second server with --max-concurrent-requests 64 driven by wrk
+    at concurrency 256 for --seconds: accepted requests/s, the share answered 429, and p50/p99
+    of the admitted and of the refused requests (server side, from its access log).
 The ratios are computed per round; the result is their median.
-Targets: (c) at concurrency 32 >= 0.8 x (a); p50 of (c) at concurrency 1 <= (b) + 10 ms. The load
+Targets: (c) at concurrency 32 >= 0.8 x (a) and >= 0.9 x the groups of 32; p50 of (c) at concurrency
+1 <= (b) + 10 ms. The load
 generator shares the machine's cores with the server, as a client on the same host would; wrk is
 C and takes little of them.
 
@@ -48,6 +52,7 @@ import json
 import os
 import platform
 import random
+import re
 import signal
 import socket
 import statistics
@@ -132,11 +137,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(runs: list[Path], *flags: str) -> tuple[subprocess.Popen, str]:
+def start_server(runs: list[Path], *flags: str, log: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """``adl serve`` on a free loopback port; its output (the access log) to ``log``, if given."""
     port = free_port()
     argv = [*ADL, "serve", *[a for r in runs for a in ("--run", str(r))], "--port", str(port), *flags]
-    proc = subprocess.Popen(argv, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    out = open(log, "w") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(argv, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -175,6 +181,13 @@ def lua_string(text: str) -> str:
     return f"[{'=' * level}[{text}]{'=' * level}]"
 
 
+def run_wrk(url: str, script: Path, concurrency: int, duration: float) -> dict:
+    """One wrk run (C, one thread, ``concurrency`` keep-alive connections) -> its ADL summary line."""
+    out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{int(duration)}s", "--timeout", "60s", "-s",
+                          str(script), url], capture_output=True, text=True, check=True).stdout
+    return json.loads(next(line[4:] for line in out.splitlines() if line.startswith("ADL ")))
+
+
 def load(url: str, texts: list[str], concurrency: int, seconds: float, work: Path) -> dict:
     """Closed loop with wrk (C, one thread, ``concurrency`` keep-alive connections, each sends its
     next tweet as soon as its answer is back) for ``seconds`` after a 2 s warm-up. A C generator
@@ -183,19 +196,52 @@ def load(url: str, texts: list[str], concurrency: int, seconds: float, work: Pat
     script = work / "post.lua"
     script.write_text(LUA % ", ".join(lua_string(json.dumps({"texts": [t]})) for t in texts))
 
-    def wrk(duration: float) -> dict:
-        out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{int(duration)}s", "--timeout", "60s", "-s",
-                              str(script), url], capture_output=True, text=True, check=True).stdout
-        return json.loads(next(line[4:] for line in out.splitlines() if line.startswith("ADL ")))
-
-    wrk(2)  # warm-up: connections, allocator, the first batches
-    r = wrk(seconds)
+    run_wrk(url, script, concurrency, 2)  # warm-up: connections, allocator, the first batches
+    r = run_wrk(url, script, concurrency, seconds)
     if r["errors"] or r["non_2xx"]:
         raise SystemExit(f"wrk saw {r['errors']} socket errors and {r['non_2xx']} non-2xx answers at "
                          f"concurrency {concurrency}")
     return {"concurrency": concurrency, "requests": r["requests"],
             "requests_per_s": r["requests"] / (r["duration_us"] / 1e6),
             "p50_ms": r["p50_us"] / 1000, "p95_ms": r["p95_us"] / 1000, "p99_ms": r["p99_us"] / 1000}
+
+
+ACCESS_LINE = re.compile(r'"POST /v1/predict HTTP/[\d.]+" (\d{3}) ([\d.]+)ms request_id=')
+
+
+def overload(run: Path, texts: list[str], seconds: int, work: Path, concurrency: int = 256,
+             admitted: int = 64) -> dict:
+    """(d) Overload: wrk at ``concurrency`` against ``adl serve --max-concurrent-requests admitted``
+    (default flags otherwise), closed loop, one tweet per request, for ``seconds`` after a 2 s
+    warm-up. Accepted requests/s and the share of 429s from wrk's counts; the latency of the
+    admitted and of the refused requests from the server's access log (each line: status, ms),
+    over the timed window; wrk's own percentiles mix both."""
+    log = work / "overload-server.log"
+    proc, url = start_server([run], "--max-concurrent-requests", str(admitted), log=log)
+    script = work / "post.lua"
+    script.write_text(LUA % ", ".join(lua_string(json.dumps({"texts": [t]})) for t in texts))
+    try:
+        run_wrk(url, script, concurrency, 2)
+        time.sleep(1)  # the warm-up's last answers are logged before the window opens
+        start = log.stat().st_size
+        r = run_wrk(url, script, concurrency, seconds)
+        time.sleep(1)
+        with open(log) as f:
+            f.seek(start)
+            lines = [(int(m.group(1)), float(m.group(2))) for m in map(ACCESS_LINE.search, f) if m]
+    finally:
+        code = stop_server(proc)
+    ok = sorted(ms for status, ms in lines if status == 200)
+    refused = sorted(ms for status, ms in lines if status == 429)
+    pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None  # noqa: E731
+    statuses = {str(st): sum(1 for s_, _ in lines if s_ == st) for st in sorted({st for st, _ in lines})}
+    wall = r["duration_us"] / 1e6
+    return {"concurrency": concurrency, "max_concurrent_requests": admitted, "seconds": wall,
+            "requests": r["requests"], "non_2xx": r["non_2xx"], "socket_errors": r["errors"],
+            "accepted_per_s": (r["requests"] - r["non_2xx"]) / wall, "share_429": r["non_2xx"] / max(r["requests"], 1),
+            "server_statuses": statuses, "admitted_p50_ms": pct(ok, .5), "admitted_p99_ms": pct(ok, .99),
+            "refused_p50_ms": pct(refused, .5), "refused_p99_ms": pct(refused, .99),
+            "wrk_p50_ms_all": r["p50_us"] / 1000, "wrk_p99_ms_all": r["p99_us"] / 1000, "server_exit_code": code}
 
 
 def batch_counters(url: str) -> dict:
@@ -289,16 +335,19 @@ def main() -> None:
             load_avg.append(os.getloadavg()[0])
     finally:
         code = stop_server(proc)
+    over = overload(run, texts, args.seconds, work)
+    print(json.dumps({"overload": over}), flush=True)
     ratio = statistics.median(r["throughput_c32_over_offline"] for r in rounds)
     own = statistics.median(r["throughput_c32_over_groups_of_32"] for r in rounds)
     composition = statistics.median(r["groups_of_32_over_offline"] for r in rounds)
     extra = statistics.median(r["p50_c1_minus_bare_single_ms"] for r in rounds)
     result = {
-        "rounds": rounds, "server_exit_code": code,
+        "rounds": rounds, "server_exit_code": code, "overload": over,
         "throughput_c32_over_offline": ratio, "p50_c1_minus_bare_single_ms": extra,
         "throughput_c32_over_groups_of_32": own, "groups_of_32_over_offline": composition,
         "summary": SUMMARY,
-        "targets": {"throughput_c32_over_offline": ">= 0.8", "p50_c1_minus_bare_single_ms": "<= 10"},
+        "targets": {"throughput_c32_over_offline": ">= 0.8", "p50_c1_minus_bare_single_ms": "<= 10",
+                    "throughput_c32_over_groups_of_32": ">= 0.9"},
         "n_texts": len(texts), "seconds_per_level": args.seconds, "load_generator": "wrk -t1 (Debian wrk 4.1)",
         "seconds": time.perf_counter() - t0, "load_average_1min": load_avg,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -316,6 +365,10 @@ def main() -> None:
           f"those groups against the whole set at once {composition:.2f}x")
     print(f"p50 at 1 - bare single forward: {extra:+.1f} ms (target <= +10), per round: "
           + ", ".join(f"{r['p50_c1_minus_bare_single_ms']:+.1f}" for r in rounds))
+    print(f"overload (c{over['concurrency']}, {over['max_concurrent_requests']} admitted): "
+          f"{over['accepted_per_s']:.1f} accepted req/s, {100 * over['share_429']:.1f}% answered 429; admitted p50 "
+          f"{over['admitted_p50_ms']} ms, p99 {over['admitted_p99_ms']} ms; refused p50 {over['refused_p50_ms']} ms, "
+          f"p99 {over['refused_p99_ms']} ms (server side)")
     print(f"wrote {out}")
 
 

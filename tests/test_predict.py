@@ -209,6 +209,34 @@ def test_ner_entities_carry_character_offsets(assets, tmp_path):
         {"type": "loc", "start": 23, "end": 28, "text": "paris"}]
 
 
+def test_raw_text_ner_on_byte_level_bpe_gives_the_cache_paths_logits(assets, tmp_path):
+    """A RoBERTa NER head on raw text (its split's words joined by spaces) reads what it was trained
+    on: the words tokenised with a prefix space each, not the text as one string. Alone, and beside a
+    sequence head (then the two kinds of head need two passes, as their tokens differ)."""
+    cache, run = make_run(assets, tmp_path, "roberta", "conll", label="ner")
+    _, seq = make_run(assets, tmp_path, "roberta", "csv", extract=dict(views="pooled"), label="sentiment")
+    ref = cache_logits(cache, run)
+    alone, both = Predictor([run], device="cpu"), Predictor([run, seq], device="cpu")
+    split = reload_dataset(alone.manifest["dataset"]["spec"]).splits["test"]
+    texts = [" ".join(words) for words in split.words]
+    for p in (alone, both):
+        enc = p.encode(texts)
+        assert (enc.token_ts is not None) == (p is both)  # the sequence tokenizer splits these texts otherwise
+        pred = p.forward(enc)
+        for i, z in zip(split.ids.tolist(), pred.logits[run.name]):
+            np.testing.assert_allclose(z, ref[i], **TOL)
+    # adl predict on a file of those texts: the entities the cache path's logits give
+    from adl.serve.decode import entities
+    from adl.serve.predict_cmd import PredictConfig, run_predict
+
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    run_predict(PredictConfig(runs=[str(run)], file=str(tmp_path / "texts.txt"), out=str(tmp_path / "t.jsonl")))
+    rows = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    enc, labels = alone.encode(texts), alone.runs[0].label_names
+    assert [r["ner"]["entities"] for r in rows] == [
+        entities(ref[i], enc.word_ids[k], enc.spans[k], texts[k], labels) for k, i in enumerate(split.ids.tolist())]
+
+
 def test_user_mistakes_are_one_line_errors(assets, tmp_path):
     _, bert = make_run(assets, tmp_path / "a", "bert", extract=dict(views="pooled"))
     _, gpt = make_run(assets, tmp_path / "b", "gpt2", extract=dict(views="pooled"))
