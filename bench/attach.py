@@ -1,0 +1,205 @@
+"""The user's own call with heads attached (adl.attach) against the same call bare, same inputs.
+
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python bench/attach.py [--repeats 2] [--n 2000]
+
+(1) sentence-transformers encode of --n real tweets, batch 32, the real all-MiniLM-L6-v2: two
+    pooled heads (adalayers-pooled on pooled:mean), then the same plus one tokens head (adalayers).
+(2) encoder-decoder generate at BART-large's shape (12 + 12 layers x 1024, random weights: the hub
+    is out of reach, and a pass costs the same whatever the weights): 8 prompts of 256 tokens,
+    64 new tokens (greedy), 3 encoder heads; and the alternative: generate, then a Predictor pass.
+(3) decoder-only generate at GPT-2-medium's shape (24 layers x 1024, random weights): 8 prompts
+    of 128 tokens, 32 new tokens (greedy), 2 heads on the prompt.
+
+Heads are trained for one epoch on small caches extracted from each backbone (their quality is
+beside the point: their cost is what is measured). Each variant runs once per repeat, the
+variants interleaved within a repeat; the best time per variant is kept; the ratios come from
+this one run. Attaching and detaching happen outside the timed call; ``results()`` is inside.
+Results: bench/results/attach.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+import adl
+from adl.extract.config import ExtractConfig
+from adl.extract.datasets import load_dataset
+from adl.extract.models import resolve_model_id
+from adl.extract.run import run_extract
+from adl.serve import Predictor
+from adl.train.config import TrainConfig
+from adl.train.run import run_train
+
+
+def shaped_backbone(folder: Path, kind: str) -> str:
+    """BART-large's or GPT-2-medium's shape, random weights, with MiniLM's (BERT) tokenizer."""
+    if (folder / "config.json").is_file():
+        return str(folder)
+    from transformers import BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel
+
+    minilm = Path(resolve_model_id("minilm"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in minilm.iterdir():
+        if f.is_file() and ("token" in f.name or f.name == "vocab.txt"):
+            shutil.copy(f, folder / f.name)
+    torch.manual_seed(0)
+    ids = dict(vocab_size=30522, pad_token_id=0, bos_token_id=101, eos_token_id=102)
+    if kind == "bart":
+        cfg = BartConfig(d_model=1024, encoder_layers=12, decoder_layers=12, encoder_attention_heads=16,
+                         decoder_attention_heads=16, encoder_ffn_dim=4096, decoder_ffn_dim=4096,
+                         max_position_embeddings=1024, decoder_start_token_id=102, forced_eos_token_id=None, **ids)
+        BartForConditionalGeneration(cfg).save_pretrained(folder)
+    else:
+        GPT2LMHeadModel(GPT2Config(n_embd=1024, n_layer=24, n_head=16, n_positions=1024, **ids)).save_pretrained(folder)
+    return str(folder)
+
+
+def heads(work: Path, model: str, tag: str, spec: dict[str, tuple[str, str]], limit: int) -> list[Path]:
+    """Run folders, one epoch each on a small tweets cache of ``model``: name -> (view, head)."""
+    cache = work / f"{tag}-cache"
+    if not (cache / "manifest.json").is_file():
+        run_extract(ExtractConfig(model=model, dataset="tweets", out=str(cache), limit=limit, views="pooled,tokens",
+                                  progress=False))
+    out = []
+    for seed, (name, (_, head)) in enumerate(spec.items()):
+        run = work / f"{tag}-{name}"
+        if not (run / "metrics.json").is_file():
+            run_train(TrainConfig(cache=str(cache), out=str(run), head=head, max_epochs=1, device="cpu", seed=seed,
+                                  overwrite=True))
+        out.append(run)
+    return out
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def attached(model, runs, call, holder: object = None):
+    """A timed variant: attach outside the clock, the call and results() on it."""
+    def variant() -> float:
+        h = adl.attach(holder or model, runs)
+        try:
+            return timed(lambda: (call(), h.results()))
+        finally:
+            h.detach()
+    return variant
+
+
+def interleaved(variants: dict, repeats: int) -> dict[str, float]:
+    best = {name: float("inf") for name in variants}
+    for r in range(repeats):
+        for name, variant in variants.items():
+            seconds = variant()
+            best[name] = min(best[name], seconds)
+            print(f"  repeat {r + 1} {name}: {seconds:.2f} s", flush=True)
+    return best
+
+
+def encode_case(work: Path, n: int, repeats: int) -> dict:
+    from sentence_transformers import SentenceTransformer
+
+    model = "minilm"
+    runs = heads(work, model, "minilm", {"pooled-a": ("pooled", "adalayers-pooled"),
+                                          "pooled-b": ("pooled", "adalayers-pooled"),
+                                          "tokens": ("tokens", "adalayers")}, limit=200)
+    texts = list(load_dataset("tweets", seed=42).splits["train"].texts[:n])
+    st = SentenceTransformer(resolve_model_id(model), device="cpu")
+
+    def call():
+        st.encode(texts, batch_size=32)
+
+    call()  # warm-up
+    best = interleaved({"bare": lambda: timed(call), "pooled heads": attached(None, runs[:2], call, st),
+                        "pooled + tokens heads": attached(None, runs, call, st)}, repeats)
+    return {"texts": n, "batch_size": 32, "seconds": best,
+            "ratio pooled heads": best["pooled heads"] / best["bare"],
+            "ratio pooled + tokens heads": best["pooled + tokens heads"] / best["bare"]}
+
+
+def prompts(tok, n: int, length: int) -> tuple[dict, list[str]]:
+    """n prompts of exactly ``length`` tokens cut from concatenated real tweets, and their texts."""
+    tweets = list(load_dataset("tweets", seed=42).splits["test"].texts)
+    texts, i = [], 0
+    for _ in range(n):
+        words = []
+        while len(tok(" ".join(words))["input_ids"]) < length + 8:
+            words.append(tweets[i % len(tweets)])
+            i += 1
+        texts.append(" ".join(words))
+    batch = tok(texts, truncation=True, max_length=length, padding=True, return_token_type_ids=False,
+                return_tensors="pt")
+    cut = tok.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    return batch, cut
+
+
+def generate_case(work: Path, kind: str, repeats: int) -> dict:
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    folder = shaped_backbone(work / f"{kind}-shape", kind)
+    if kind == "bart":
+        spec = {"pooled-a": ("pooled", "adalayers-pooled"), "pooled-b": ("pooled", "adalayers-pooled"),
+                "tokens": ("tokens", "adalayers")}
+        n, length, new, cls = 8, 256, 64, AutoModelForSeq2SeqLM
+    else:
+        spec = {"pooled-a": ("pooled", "adalayers-pooled"), "pooled-b": ("pooled", "adalayers-pooled")}
+        n, length, new, cls = 8, 128, 32, AutoModelForCausalLM
+    runs = heads(work, folder, kind, spec, limit=24)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = cls.from_pretrained(folder).eval()
+    batch, texts = prompts(tok, n, length)
+
+    def call():
+        with torch.no_grad():
+            model.generate(**batch, max_new_tokens=new, min_new_tokens=new, do_sample=False, num_beams=1)
+
+    variants = {"bare": lambda: timed(call), "heads attached": attached(model, runs, call)}
+    predictor = None
+    if kind == "bart":
+        predictor = Predictor(runs, device="cpu")
+        variants["generate, then a Predictor pass"] = lambda: timed(lambda: (call(), predictor(texts)))
+    call()  # warm-up
+    best = interleaved(variants, repeats)
+    out = {"shape": "BART-large (12+12 x 1024)" if kind == "bart" else "GPT-2-medium (24 x 1024)",
+           "prompts": n, "prompt_tokens": length, "new_tokens": new, "heads": len(runs), "seconds": best,
+           "ratio heads attached": best["heads attached"] / best["bare"]}
+    if predictor is not None:
+        out["ratio generate, then a Predictor pass"] = best["generate, then a Predictor pass"] / best["bare"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="/tmp/adl-bench-attach")
+    ap.add_argument("--n", type=int, default=2000, help="tweets encoded in case (1)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--cases", default="encode,bart,gpt2")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(__file__).parent / "results" / "attach.json"
+    result = json.loads(out.read_text()) if out.is_file() else {}  # a case rerun replaces its own entry
+    for case in args.cases.split(","):
+        print(f"case {case}", flush=True)
+        before = os.getloadavg()
+        entry = encode_case(work, args.n, args.repeats) if case == "encode" else \
+            generate_case(work, case, args.repeats)
+        result[case] = {**entry, "threads": torch.get_num_threads(), "repeats": args.repeats,
+                        "load_average_before": before, "load_average_after": os.getloadavg(),
+                        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        print(json.dumps(result[case], indent=1), flush=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
