@@ -4,6 +4,7 @@ from a few hundred training examples to the whole training split.
     .venv/bin/python bench/curve.py --cache cache/tweets --sizes 500,2000,all --seeds 0,1,2
     .venv/bin/python bench/curve.py --cache cache/tweets-full --name tweets --sizes 8000,all
     .venv/bin/python bench/curve.py --cache cache/wnut16 --sizes all --seeds 0,1,2 --name wnut16
+    .venv/bin/python bench/curve.py --cache cache/tweets --sizes 500 --methods default,full,lora
 
 Each (size, seed) point is saved to the results file as soon as it is done, under a lock, so an
 interrupted run resumes where it stopped and two sizes can run at once in two processes. Points
@@ -14,18 +15,24 @@ the training split after carving), so the small sizes can come from a small cach
 One cache per data set (with a tokens view and a pooled:mean view). For every training size N
 and seed s, each method trains on the same seeded sample of N training examples
 (``--train-limit N --seed s``; validation and test stay whole) and every choice is made on
-validation:
+validation. ``--methods`` picks the groups (heads by default):
 
+    default
+    adl train (defaults)     `adl train` with no flag, as a user runs it: its candidates raced
+                             and mixed (adl.train.ensemble); its time is every candidate's
+    heads
     adalayers (tokens)       `adl train --head adalayers`, otherwise defaults (the imdb preset)
     adalayers-pooled         `adl train --head adalayers-pooled`, otherwise defaults
-    adl train (defaults)     `adl train` with no flag: it trains the two heads above (one on a
-                             token task) and the concat probe below, and keeps the best on
-                             validation; the runs are identical (same seed, sample and config),
-                             so its row is taken from theirs by that rule
+    old default (best candidate)  the rule before the mix: the best on validation of the two
+                             heads above (one on a token task) and the concat probe, a tie to
+                             the cheaper; taken from their rows (same seed, sample and config)
     probe (val-picked layer) an L2 logistic regression per layer, C chosen on validation, then
                              the layer with the best validation score
     concat probe             the same on all layers concatenated
     scalar mix               ELMo's scalar mix, then linear (defaults)
+    full, lora
+    full fine-tuning, LoRA   `adl finetune --method full|lora` on the same sample, up to
+                             PEER_EPOCHS epochs with early stopping (PEER_PATIENCE)
 
 Runs go through ``run_train`` in this process, as `adl train` runs them. Writes
 bench/results/curve-<name>.json (every run's validation and test score, and the table, over every
@@ -146,17 +153,38 @@ def summarise(points: dict, sizes: list[str], methods: tuple[str, ...]) -> list[
         stat = {m: (statistics.mean(r["test"] for r in v), statistics.stdev(r["test"] for r in v) if len(v) > 1
                     else 0.0) for m, v in per.items()}
         secs = {m: statistics.mean(r.get("seconds") or 0.0 for r in v) for m, v in per.items()}
+        walls = {m: [r.get("wall_seconds") or r.get("seconds_total") for r in v] for m, v in per.items()}
         probe = max(("probe (val-picked layer)", "concat probe"), key=lambda m: stat[m][0] if m in stat else -1)
         for m in here:
             row = {"size": size, "method": m, "mean": stat[m][0], "std": stat[m][1], "seeds": len(per[m]),
                    "seconds": secs[m]}
+            if all(walls[m]):  # the whole command, loading included (adl train's default, the peers)
+                row["wall_seconds"] = statistics.mean(walls[m])
             if m.startswith(("adalayers", "adl train", "old default")) and probe in stat:
                 row["vs_best_probe"] = verdict(stat[m], stat[probe], len(per[m])) | {"probe": probe}
-            if m.startswith(("adl train", "old default")) and "full fine-tuning" in stat:
-                row["vs_full_finetuning"] = verdict(stat[m], stat["full fine-tuning"], len(per[m])) | {
-                    "time_ratio": secs[m] / secs["full fine-tuning"] if secs["full fine-tuning"] else None}
+            if m == DEFAULT and "full fine-tuning" in stat:  # measured in the same sessions as the peers
+                ft = "full fine-tuning"
+                row["vs_full_finetuning"] = verdict(stat[m], stat[ft], len(per[m])) | {
+                    "time_ratio": secs[m] / secs[ft] if secs[ft] else None, "finetuning_seeds": len(per[ft]),
+                    "wall_ratio": statistics.mean(walls[m]) / statistics.mean(walls[ft]) if all(walls[m] + walls[ft])
+                    else None}
             rows.append(row)
     return rows
+
+
+def variants(points: dict) -> dict:
+    """Per size: the mean test score of each variant `adl train` recorded beside its default (the best
+    single candidate, the mix, the mix with probes refit on train + validation), and how often the
+    race stopped a candidate."""
+    out = {}
+    for size, pts in points.items():
+        runs = [p[DEFAULT] for p in pts if "mix" in p.get(DEFAULT, {})]
+        if runs:
+            names = runs[0]["mix"]["variants"]
+            out[size] = {"seeds": len(runs), **{v: statistics.mean(r["mix"]["variants"][v]["test"] for r in runs)
+                                                 for v in names},
+                         "raced": sum(c["stop_reason"].startswith("raced") for r in runs for c in r["candidates"].values())}
+    return out
 
 
 def verdict(mine: tuple[float, float], other: tuple[float, float], seeds: int) -> dict:
@@ -168,15 +196,19 @@ def verdict(mine: tuple[float, float], other: tuple[float, float], seeds: int) -
 
 
 def markdown(rows: list[dict], metric: str, train_n: dict) -> str:
-    lines = [f"| train examples | method | test {metric} (mean ± std) | time (s) | vs the better probe | "
-             "vs full fine-tuning |", "|---|---|---|---|---|---|"]
+    lines = [f"| train examples | method | test {metric} (mean ± std) | training s (wall s) | vs the better probe | "
+             "vs full fine-tuning (time ratio: training, wall) |", "|---|---|---|---|---|---|"]
     for r in rows:
         score = f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}" if r["seeds"] > 1 else f"{100 * r['mean']:.2f} (1 seed)"
         if r["seeds"] not in (1, 3):
             score += f" ({r['seeds']} seeds)"
         ft = r.get("vs_full_finetuning")
-        ratio = "" if ft is None or ft["time_ratio"] is None else f", {ft['time_ratio']:.2f}x its time"
-        lines.append(f"| {train_n[r['size']]:,} | {r['method']} | {score} | {r['seconds']:,.0f} | "
+        ratio = ""
+        if ft is not None and ft["time_ratio"] is not None:
+            ratio = f"; {ft['time_ratio']:.2f}x" + (f", {ft['wall_ratio']:.2f}x" if ft.get("wall_ratio") else "")
+            ratio += " (fine-tuning: 1 seed)" if ft["finetuning_seeds"] < 2 else ""
+        wall = f" ({r['wall_seconds']:,.0f})" if "wall_seconds" in r else ""
+        lines.append(f"| {train_n[r['size']]:,} | {r['method']} | {score} | {r['seconds']:,.0f}{wall} | "
                      f"{says(r.get('vs_best_probe'))} | {says(ft)}{ratio} |")
     return "\n".join(lines) + "\n"
 
@@ -278,11 +310,12 @@ def _report(doc: dict, name: str, model: str, methods: tuple[str, ...], argv: st
     fewer = [f"{int(k):,}: {len(v)}" for k, v in points.items() if len(v) < len(seeds)]
     title = f"{name}: {model}, seeds {', '.join(map(str, seeds))}" + (f" (seeds at {', '.join(fewer)})" if fewer else "")
     plot(rows, doc["metric"], train_n, title, png, methods)
-    doc.update(points=points, rows=rows, markdown=table, train_sizes=train_n)
+    doc.update(points=points, rows=rows, markdown=table, train_sizes=train_n, variants=variants(points))
     if argv is not None:
         doc.setdefault("commands", []).append({"command": argv, "seconds": round(seconds, 1),
                                               "load_average_end": os.getloadavg()})
     print(table)
+    print("variants (mean test):", json.dumps(doc["variants"]))
     print(f"wrote {png}")
     return doc
 
