@@ -219,7 +219,7 @@ def test_fingerprint_stable_and_content_sensitive(tmp_path, reviews_csv):
 
 
 def test_bad_limit_and_unknown_spec():
-    with pytest.raises(AdlError, match="limit must be a positive integer"):
+    with pytest.raises(AdlError, match=r"--limit must be an integer >= 1, e.g. 1000 \(got"):
         load_dataset("tweets", limit=0)
     with pytest.raises(AdlError, match=r"unknown dataset 'nonsense'.*imdb, cola.*wnut16, tweets.*csv:PATH"):
         load_dataset("nonsense")

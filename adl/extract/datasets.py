@@ -18,9 +18,11 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
+from adl.checks import INT_GE0, Num, check
 from adl.errors import AdlError
 from adl.extract.sources import NAMED, RawSource, open_source
 
@@ -60,10 +62,7 @@ class LoadedDataset:
 def load_dataset(spec: str, *, text_column: str | None = None, label_column: str | None = None,
                  limit: int | None = None, seed: int = 42) -> LoadedDataset:
     """Load ``spec`` (named set, hub id, or ``csv:``/``jsonl:``/``parquet:``/``conll:`` file)."""
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise AdlError(f"limit must be a positive integer, got {limit!r}; pass e.g. --limit 1000")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise AdlError(f"seed must be a non-negative integer, got {seed!r}")
+    check(SimpleNamespace(limit=limit, seed=seed), {"limit": Num(1, integer=True, example="1000"), "seed": INT_GE0})
     src = open_source(spec)
     tcol, lcol = _pick_columns(src, text_column, label_column)
     task = _detect_task(src, tcol)
