@@ -10,12 +10,13 @@ from pathlib import Path
 from synthetic import write_synthetic_cache
 
 HEAVY = ("torch", "fastapi", "uvicorn", "optuna", "matplotlib", "peft", "sklearn", "transformers")
+STORE = ("numpy", "zarr", "h5py", "filelock")  # what reading a cache needs, and --help does not
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def loaded_after(code: str) -> list[str]:
-    """The HEAVY modules a fresh interpreter has loaded after running ``code``."""
-    probe = f"import sys\n{code}\nimport json; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+def loaded_after(code: str, watch: tuple[str, ...] = HEAVY) -> list[str]:
+    """The ``watch`` modules a fresh interpreter has loaded after running ``code``."""
+    probe = f"import sys\n{code}\nimport json; print(json.dumps([m for m in {watch!r} if m in sys.modules]))"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -23,7 +24,14 @@ def loaded_after(code: str) -> list[str]:
 
 
 def test_loading_the_cli_imports_no_heavy_library():
-    assert loaded_after("import adl.cli") == []
+    assert loaded_after("import adl.cli", HEAVY + STORE) == []
+    help_ = "from typer.testing import CliRunner\nfrom adl.cli import app\nCliRunner().invoke(app, ['--help'])"
+    assert loaded_after(help_, HEAVY + STORE) == []
+
+
+def test_the_cache_packages_names_load_on_first_use():
+    assert loaded_after("import adl.cache.location", STORE) == []
+    assert loaded_after("from adl.cache import open_cache, SCHEMA_VERSION, write_json", ("numpy",)) == ["numpy"]
 
 
 def test_help_and_info_run_without_them(tmp_path):

@@ -2,40 +2,34 @@
 
 Read with ``open_cache(path)``; written by ``ShardWriter`` + ``finalize``. See reader.py for
 the reading API and writer.py for the on-disk layout.
+
+The names below load with the module that defines them, on first use (PEP 562): importing a
+light part of the package (``adl.cache.location``, for the CLI's error lines) does not load
+numpy, zarr or the writer, so ``adl --help`` starts without them.
 """
 
-from adl.cache.durable import write_csv
-from adl.cache.manifest import (
-    SCHEMA_VERSION,
-    manifest_hash,
-    read_json,
-    read_manifest,
-    write_json,
-)
-from adl.cache.reader import Cache, LazyRows, open_cache
-from adl.cache.verify import verify_cache
-from adl.cache.writer import (
-    BackgroundWriter,
-    ShardWriter,
-    SplitLayout,
-    finalize,
-    shard_name,
-)
+from importlib import import_module
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "BackgroundWriter",
-    "Cache",
-    "LazyRows",
-    "ShardWriter",
-    "SplitLayout",
-    "finalize",
-    "manifest_hash",
-    "open_cache",
-    "read_json",
-    "read_manifest",
-    "shard_name",
-    "verify_cache",
-    "write_csv",
-    "write_json",
-]
+_HOMES = {
+    "write_csv": "durable",
+    "SCHEMA_VERSION": "manifest", "manifest_hash": "manifest", "read_json": "manifest", "read_manifest": "manifest",
+    "write_json": "manifest",
+    "Cache": "reader", "LazyRows": "reader", "open_cache": "reader",
+    "verify_cache": "verify",
+    "BackgroundWriter": "writer", "ShardWriter": "writer", "SplitLayout": "writer", "finalize": "writer",
+    "shard_name": "writer",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'adl.cache' has no attribute {name!r}")
+    value = getattr(import_module(f"adl.cache.{_HOMES[name]}"), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])
