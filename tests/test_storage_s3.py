@@ -348,3 +348,22 @@ def _rows(url: str, key: str, chunk: int) -> tuple[int, int]:
 def test_run_folders_on_a_url_are_one_line(s3, whole, args):
     res = runner.invoke(app, [whole if a == "CACHE" else a for a in args])
     assert res.exit_code == 2 and "are written to a local disk" in res.output and "Traceback" not in res.output
+
+
+def test_two_sweep_workers_read_one_s3_cache(s3, whole, tmp_path):
+    """Workers of one study (here two processes with separate folders, as on two machines, and
+    a shared journal storage) read the same s3:// cache; every point completes once."""
+    import optuna
+
+    from adl.sweep.study import open_storage
+
+    url = f"journal:{tmp_path / 'study.log'}"
+    cmd = [sys.executable, "-m", "adl", "sweep", "--cache", whole, "--storage", url, "--study", "s3-workers",
+           "--alpha", "1,2,4,8", "--head", "adalayers-pooled", "--hidden", "8", "--max-epochs", "1",
+           "--group-size", "1", "--baselines", "off"]
+    procs = [subprocess.Popen([*cmd, "--out", str(tmp_path / f"w{i}")], env=child_env(s3["env"]),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outputs]
+    trials = optuna.load_study(study_name="s3-workers", storage=open_storage(url)).get_trials()
+    assert sorted(t.user_attrs["adl_point"] for t in trials if t.state.name == "COMPLETE") == [0, 1, 2, 3]
