@@ -1,6 +1,10 @@
 """Fault injection for sweeps (not a test): kill -9 workers of a 2-worker sweep at random moments.
 
     .venv/bin/python bench/faults_sweep.py [--kills 12] [--storage journal|sqlite] [--seed 0]
+    .venv/bin/python bench/faults_sweep.py --preempt [--heads adalayers-pooled,adalayers]
+
+--preempt measures what a kill costs (see ``preempt``); the rest of this docstring is the
+random-kill mode.
 
 Two `adl sweep` processes share one study (a 16-point grid over a small synthetic cache,
 grouped two at a time). At random moments one of them, chosen at random, is killed with
@@ -15,6 +19,7 @@ point lost, none run twice). Writes bench/results/faults_sweep.json and prints a
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import random
@@ -28,11 +33,11 @@ from pathlib import Path
 import optuna
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]  # this checkout's adl, the tests' helpers
 
 from synthetic import write_synthetic_cache  # noqa: E402
 
-from adl.sweep.study import open_storage  # noqa: E402
+from adl.sweep.storage import open_storage  # noqa: E402
 
 GRID = ["--alpha", "1,2,4,8", "--k", "4,8", "--cutoff", "0,0.1"]  # 16 points
 FAST = ["--head", "adalayers-pooled", "--hidden", "8", "--max-epochs", "3", "--lr", "0.01", "--batch-size", "16",
@@ -44,7 +49,12 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=12)
     ap.add_argument("--storage", choices=("journal", "sqlite"), default="sqlite")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preempt", action="store_true", help="measure the rerun after kills at 25/50/75%%")
+    ap.add_argument("--heads", default="adalayers-pooled,adalayers")
     args = ap.parse_args()
+    if args.preempt:
+        preempt(args.heads.split(","))
+        return
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="adl-faults-sweep-"))
     cache = write_synthetic_cache(tmp / "cache", n=(64, 32, 32))
@@ -86,6 +96,140 @@ def main() -> None:
     out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     print(f"| kill -9 at random moments of a 2-worker sweep ({args.storage}), then rerun | {kills} | "
           f"{row['survived']} | points lost {len(lost)}, run twice {len(twice)} |")
+
+
+# ---- --preempt: what a kill costs ------------------------------------------------------------
+# A 32-point grid (alpha x cutoff x lambda in one shape, x k: two groups of 16), two workers
+# sharing one study in one sweep folder, one group each, checkpoints every epoch. First a clean
+# run (the second worker starts once the first has claimed its group): its training time T (first claim to last trial told, from the study's timestamps) and
+# the checkpoints' size and time (the workers' last lines). Then, for 25%, 50% and 75% of T
+# after the first claim, a fresh sweep whose two workers are killed with SIGKILL at that moment,
+# and a rerun of both. The rerun's training time should be the share of T not yet done at the
+# kill, plus at most one epoch; its process wall time adds the workers' start-up, shown apart.
+# (Bit-for-bit equality of a resumed group with the same group uninterrupted is a test,
+# tests/test_sweep_preempt.py: two workers claim a grid's points in a timing-dependent order,
+# so two sweeps' groups need not hold the same configurations.)
+
+PREEMPT_GRID = ["--alpha", "1,2,4,8", "--cutoff", "0,0.1", "--lambda", "0,0.001", "--k", "8,16"]  # 32 points
+PREEMPT_RUN = {  # sized so that a clean run trains for a minute or two on a busy 2-core machine
+    "adalayers-pooled": ["--max-epochs", "8", "--patience", "8", "--batch-size", "32"],
+    "adalayers": ["--max-epochs", "6", "--patience", "6", "--batch-size", "32", "--train-limit", "600"],
+}
+PREEMPT_CACHE = dict(n=(3000, 300, 300), layers=7, dim=64, strength=0.3)  # all-MiniLM-L6-v2's 7 layers, small D
+
+
+def _study(out: Path):
+    try:
+        return optuna.load_study(study_name=out.name, storage=open_storage(f"sqlite:///{out / 'study.db'}"))
+    except Exception:  # noqa: BLE001  (not created yet)
+        return None
+
+
+def _two_workers(cmd: list[str], env: dict, out: Path, kill_after: float | None = None,
+                 stagger: bool = True) -> tuple[float, list[str]]:
+    """Run two workers of ``cmd``; (wall seconds, their outputs). ``stagger``: the second starts
+    once the first has claimed its group, so each trains one whole group (started together,
+    they would take turns asking and split both groups, a timing-dependent grouping). With
+    ``kill_after``: kill -9 both that many seconds after the study's first claim."""
+    t0 = time.perf_counter()
+    start = lambda: subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,  # noqa: E731
+                                     text=True)
+    procs = [start()]
+    while stagger and procs[0].poll() is None:
+        study = _study(out)
+        if study and sum("adl_checkpoint" in t.user_attrs for t in study.get_trials()) >= 16:
+            break
+        time.sleep(0.2)
+    procs.append(start())
+    if kill_after is not None:
+        first = None
+        while first is None and all(p.poll() is None for p in procs):
+            study = _study(out)
+            starts = [t.datetime_start for t in study.get_trials() if t.datetime_start] if study else []
+            first = min(starts, default=None)
+            time.sleep(0.2)
+        time.sleep(max(0.0, kill_after - (datetime.datetime.now() - first).total_seconds()))
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+    outputs = [p.communicate(timeout=3600)[0] for p in procs]
+    if kill_after is None and any(p.returncode for p in procs):
+        raise SystemExit("a worker failed:\n" + "\n".join(outputs))
+    return time.perf_counter() - t0, outputs
+
+
+def _training_span(out: Path, since: datetime.datetime) -> float:
+    """Seconds from the first claim after ``since`` to the last trial told."""
+    trials = [t for t in _study(out).get_trials() if t.datetime_start and t.datetime_start >= since]
+    return (max(t.datetime_complete for t in trials if t.datetime_complete) -
+            min(t.datetime_start for t in trials)).total_seconds()
+
+
+def _story(outputs: list[str]) -> dict:
+    """Sum of the workers' last lines: resumed / fresh configurations, resume epochs, checkpoints."""
+    import re
+
+    out = {"resumed": 0, "fresh": 0, "from_epochs": [], "ckpt_mb": [], "ckpt_ms": [], "ckpt_share_pct": [],
+           "epoch_s": []}
+    for text in outputs:
+        text = " ".join(text.split())
+        m = re.search(r"resumed (\d+) configuration\(s\)(?: \(([^)]*)\))?, started (\d+) fresh", text)
+        out["resumed"] += int(m[1])
+        out["fresh"] += int(m[3])
+        out["from_epochs"] += [int(e) for e in re.findall(r"from epoch (\d+)", m[2] or "")]
+        c = re.search(r"checkpoint\(s\) of ([\d.]+) MB in (\d+) ms each, ([\d.]+)% of an epoch \(([\d.]+) s\)", text)
+        if c:
+            for key, v in zip(("ckpt_mb", "ckpt_ms", "ckpt_share_pct", "epoch_s"), c.groups()):
+                out[key].append(float(v))
+    return out
+
+
+def _points_once(out: Path) -> bool:
+    complete = [t.user_attrs["adl_point"] for t in _study(out).get_trials() if t.state.name == "COMPLETE"]
+    return sorted(complete) == list(range(32))
+
+
+def preempt(heads: list[str]) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="adl-preempt-"))
+    cache = write_synthetic_cache(tmp / "cache", **PREEMPT_CACHE)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "250",
+           "ADL_SWEEP_HEARTBEAT_S": "2", "ADL_SWEEP_GRACE_S": "60"}
+    rows = []
+    for head in heads:
+        def cmd(out: Path) -> list[str]:
+            return [sys.executable, "-m", "adl", "sweep", "--cache", str(cache), "--out", str(out), "--head", head,
+                    *PREEMPT_GRID, *PREEMPT_RUN[head], "--group-size", "16", "--checkpoint-every-s", "0",
+                    "--baselines", "off"]
+
+        clean = tmp / f"{head}-clean"
+        wall, outputs = _two_workers(cmd(clean), env, clean)
+        full, ckpt = _training_span(clean, datetime.datetime.min), _story(outputs)
+        epoch = sum(ckpt["epoch_s"]) / len(ckpt["epoch_s"])
+        for share in (0.25, 0.5, 0.75):
+            out = tmp / f"{head}-{int(100 * share)}"
+            _two_workers(cmd(out), env, out, kill_after=share * full)
+            since = datetime.datetime.now()
+            rerun_wall, outputs = _two_workers(cmd(out), env, out, stagger=False)  # the usual restart: both at once
+            story, span = _story(outputs), _training_span(out, since)
+            row = {"head": head, "killed_at": share, "training_s": round(full, 1), "rerun_training_s": round(span, 1),
+                   "rerun_share": round(span / full, 3), "target_share": round(1 - share + epoch / full, 3),
+                   "epoch_s": round(epoch, 2), "sweep_wall_s": round(wall, 1), "rerun_wall_s": round(rerun_wall, 1),
+                   "resumed": story["resumed"], "from_epochs": story["from_epochs"], "fresh": story["fresh"],
+                   "points_once": _points_once(out), "checkpoint_mb": max(ckpt["ckpt_mb"]),
+                   "checkpoint_ms": round(sum(ckpt["ckpt_ms"]) / len(ckpt["ckpt_ms"])),
+                   "checkpoint_share_of_epoch": round(sum(ckpt["ckpt_share_pct"]) / len(ckpt["ckpt_share_pct"]) / 100,
+                                                      4)}
+            rows.append(row)
+            print(f"| {head} | {int(100 * share)}% | {row['training_s']} s | {row['rerun_training_s']} s = "
+                  f"{100 * row['rerun_share']:.0f}% | {100 * row['target_share']:.0f}% | {row['resumed']} "
+                  f"(from epochs {sorted(set(row['from_epochs']))}), {row['fresh']} fresh | "
+                  f"{row['sweep_wall_s']} s / {row['rerun_wall_s']} s | {row['points_once']} | "
+                  f"{row['checkpoint_mb']:.2f} MB, {row['checkpoint_ms']} ms = "
+                  f"{100 * row['checkpoint_share_of_epoch']:.1f}% of a {row['epoch_s']} s epoch |", flush=True)
+    path = HERE / "results" / "faults_sweep.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results["preempt"] = {"cache": {"synthetic": PREEMPT_CACHE}, "grid": PREEMPT_GRID, "runs": PREEMPT_RUN,
+                          "env": {"OMP_NUM_THREADS": 1, "cores": os.cpu_count()}, "rows": rows}
+    path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

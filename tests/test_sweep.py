@@ -25,7 +25,8 @@ from adl.sweep.config import (
     parse_space,
 )
 from adl.sweep.group import fit_group
-from adl.sweep.study import SweepStudy, mask, open_storage, safe_url
+from adl.sweep.storage import mask, open_storage, safe_url
+from adl.sweep.study import SweepStudy
 from adl.train.config import TrainConfig, resolve, view_for
 from adl.train.data import load_data
 from adl.train.head_io import make_head

@@ -133,3 +133,57 @@ def test_two_workers_racing_for_one_dead_group_exactly_one_resumes_it(cache, ref
     assert sorted(c[0] > 0 for c in counts) == [False, True], outputs  # exactly one resumed the group
     assert sum(c[1] for c in counts) == 0  # nobody trained its configurations again from scratch
     assert _records(out) == reference
+
+
+# ---- the training loop's state, in process ----------------------------------------------------
+
+@pytest.mark.parametrize("vectorise", [True, False])
+def test_every_epochs_state_resumes_bit_for_bit(tmp_path, vectorise):
+    """fit_all from any epoch's checkpoint (through a checkpoint file) ends exactly where the
+    uninterrupted run ends: dropout on, configurations stopping early, plateaus parting the lrs."""
+    import dataclasses
+
+    import torch
+
+    from adl.cache import open_cache
+    from adl.sweep.group import fit_group
+    from adl.train.config import TrainConfig, resolve, view_for
+    from adl.train.data import load_data
+    from adl.train.head_io import make_head
+    from adl.train.trainer import Solo, fit_all
+
+    root = write_synthetic_cache(tmp_path / "c", task="token", n=(32, 16, 16), strength=0.6)
+    cache = open_cache(root)
+    base = TrainConfig(cache=str(root), head="adalayers", k=8, heads=2, ff=16, hidden=8, dropout=0.1, max_epochs=5,
+                       patience=3, lr_patience=0, lr=3e-3, batch_size=8, seed=1)
+    points = [dict(alpha=1.0), dict(alpha=4.0, cutoff=0.2), dict(alpha=16.0, lr=1e-3), dict(alpha=2.0, patience=1)]
+    cfgs = [resolve(dataclasses.replace(base, **p), cache) for p in (points if vectorise else points[:1])]
+    data = load_data(cache, view_for("adalayers", cache, None), device="cpu", seed=1, memory_gb=1)
+
+    def fit(**hooks):
+        heads = []
+        for c in cfgs:
+            torch.manual_seed(c.seed)
+            heads.append(make_head(c, data, cache.manifest))
+        if vectorise:
+            return fit_group(heads, data, cfgs, **hooks), heads
+        return fit_all(Solo(heads[0], cfgs[0], data.train.device), data, cfgs, heads, **hooks), heads
+
+    def same(a, b):
+        rows = [{k: v for k, v in row.items() if k != "seconds"} for row in a.history]
+        assert rows == [{k: v for k, v in row.items() if k != "seconds"} for row in b.history]
+        assert (a.test, a.weights, a.best_epoch, a.stop_reason) == (b.test, b.weights, b.best_epoch, b.stop_reason)
+
+    told = {}
+    full, full_heads = fit(on_done=lambda r, res: told.setdefault(r, res))
+    assert told == dict(enumerate(full))  # each configuration told once, as it stopped
+    for epoch in range(1, max(len(r.history) for r in full)):
+        path = str(tmp_path / f"{epoch}.ckpt")
+        fit(checkpoint=lambda e, state: e == epoch and checkpoint.write(path, {"version": checkpoint.VERSION,
+                                                                               "state": state()}))
+        resumed, heads = fit(resume=checkpoint.read(path)["state"])
+        for r, (a, b) in enumerate(zip(full, resumed)):
+            if b is not None:  # None: finished before this epoch (told by the first run)
+                same(a, b)
+                for (n, x), (_, y) in zip(full_heads[r].state_dict().items(), heads[r].state_dict().items()):
+                    assert torch.equal(x, y), n

@@ -14,7 +14,7 @@ import uuid
 import optuna
 import pytest
 
-from adl.sweep.study import open_storage
+from adl.sweep.storage import open_storage
 from synthetic import write_synthetic_cache
 
 GRID = ["--alpha", "1,2,4,8", "--k", "4,8", "--cutoff", "0,0.1"]  # 16 points

@@ -24,13 +24,8 @@ from rich.table import Table
 from adl.cache import read_json, write_csv, write_json
 from adl.errors import AdlError
 from adl.sweep.plots import draw_all
-from adl.sweep.study import (
-    default_storage,
-    open_storage,
-    safe_url,
-    study_progress,
-    study_records,
-)
+from adl.sweep.storage import default_storage, open_storage, safe_url
+from adl.sweep.study import study_progress, study_records
 
 LEAD = ("trial", "state")
 TAIL = ("seed", "head", "params")

@@ -29,7 +29,8 @@ from adl.sweep import checkpoint
 from adl.sweep.group import fit_group, group_key
 from adl.sweep.report import baseline_paths, write_outputs
 from adl.sweep.resume import Resume
-from adl.sweep.study import OrderedGridSampler, SweepStudy, default_storage, safe_url
+from adl.sweep.storage import default_storage, safe_url
+from adl.sweep.study import OrderedGridSampler, SweepStudy
 from adl.train.baselines import Views, layer_baselines, write_baselines_csv
 from adl.train.config import resolve, view_for
 from adl.train.console import epoch_progress
@@ -407,6 +408,6 @@ def _story(worker: Worker) -> str:
     if st["writes"]:
         per_epoch = st["epoch_seconds"] / max(st["epochs"], 1)
         text += (f"; {st['writes']} checkpoint(s) of {st['bytes'] / st['writes'] / 1e6:.2f} MB in "
-                 f"{1e3 * st['seconds'] / st['writes']:.0f} ms each, {100 * st['seconds'] / st['writes'] / per_epoch:.1f}% "
-                 "of an epoch's time")
+                 f"{1e3 * st['seconds'] / st['writes']:.0f} ms each, {100 * st['seconds'] / st['writes'] / per_epoch:.1f}%"
+                 f" of an epoch ({per_epoch:.2f} s)")
     return text
