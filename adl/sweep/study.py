@@ -315,12 +315,17 @@ class SweepStudy:
         return trial
 
     def _point(self, trial, n: int) -> int | None:
-        """The grid point of a claimed trial (``grid_point``). A queued copy that took a number
-        below n displaces point ``number``, which this worker queues (only it holds that number)."""
+        """The grid point of a claimed trial (``grid_point``), queueing the point it displaces."""
         idx = grid_point(self.storage.get_trial(self.trial_id(trial.number)))
-        if idx != trial.number and trial.number < n:
-            self.study.enqueue_trial(self.space.points[trial.number], user_attrs={"adl_point": trial.number})
+        self._displace(trial.number, idx)
         return idx if idx < n else None
+
+    def _displace(self, number: int, idx: int) -> None:
+        """A queued copy that took a number below n displaces point ``number``, which this worker
+        queues (only it holds that number)."""
+        n = len(self.space.points)
+        if idx != number and number < n:
+            self.study.enqueue_trial(self.space.points[number], user_attrs={"adl_point": number})
 
     def _tag(self, trial, idx) -> None:
         trial.set_user_attr("adl_worker", self.worker)
@@ -334,7 +339,10 @@ class SweepStudy:
         tid = self.trial_id(number)
         if not self.storage.set_trial_state_values(tid, TrialState.RUNNING):
             return None
-        return self.take(number)
+        trial = self.take(number)
+        if self.space.search == "grid":  # as ask() + _point would: its number may be a grid point's
+            self._displace(number, grid_point(self.storage.get_trial(tid)))
+        return trial
 
     def take(self, number: int):
         """Hold trial ``number`` (RUNNING): beat it, tag it, and return it as an optuna Trial."""
