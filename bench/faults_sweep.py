@@ -113,7 +113,8 @@ def main() -> None:
 PREEMPT_GRID = ["--alpha", "1,2,4,8", "--cutoff", "0,0.1", "--lambda", "0,0.001", "--k", "8,16"]  # 32 points
 PREEMPT_RUN = {  # sized so that a clean run trains for a minute or two on a busy 2-core machine
     "adalayers-pooled": ["--max-epochs", "8", "--patience", "8", "--batch-size", "32"],
-    "adalayers": ["--max-epochs", "6", "--patience", "6", "--batch-size", "32", "--train-limit", "600"],
+    "adalayers": ["--max-epochs", "6", "--patience", "6", "--batch-size", "32", "--train-limit", "600",
+                  "--heads", "4"],
 }
 PREEMPT_CACHE = dict(n=(3000, 300, 300), layers=7, dim=64, strength=0.3)  # all-MiniLM-L6-v2's 7 layers, small D
 
@@ -219,16 +220,24 @@ def preempt(heads: list[str]) -> None:
                    "checkpoint_share_of_epoch": round(sum(ckpt["ckpt_share_pct"]) / len(ckpt["ckpt_share_pct"]) / 100,
                                                       4)}
             rows.append(row)
+            _save_rows(rows)
             print(f"| {head} | {int(100 * share)}% | {row['training_s']} s | {row['rerun_training_s']} s = "
                   f"{100 * row['rerun_share']:.0f}% | {100 * row['target_share']:.0f}% | {row['resumed']} "
                   f"(from epochs {sorted(set(row['from_epochs']))}), {row['fresh']} fresh | "
                   f"{row['sweep_wall_s']} s / {row['rerun_wall_s']} s | {row['points_once']} | "
                   f"{row['checkpoint_mb']:.2f} MB, {row['checkpoint_ms']} ms = "
                   f"{100 * row['checkpoint_share_of_epoch']:.1f}% of a {row['epoch_s']} s epoch |", flush=True)
+
+
+def _save_rows(rows: list[dict]) -> None:
+    """Merge ``rows`` into bench/results/faults_sweep.json (by head and kill moment)."""
     path = HERE / "results" / "faults_sweep.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
+    old = results.get("preempt", {}).get("rows", [])
+    keys = {(r["head"], r["killed_at"]) for r in rows}
     results["preempt"] = {"cache": {"synthetic": PREEMPT_CACHE}, "grid": PREEMPT_GRID, "runs": PREEMPT_RUN,
-                          "env": {"OMP_NUM_THREADS": 1, "cores": os.cpu_count()}, "rows": rows}
+                          "env": {"OMP_NUM_THREADS": 1, "cores": os.cpu_count()},
+                          "rows": [r for r in old if (r["head"], r["killed_at"]) not in keys] + rows}
     path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 
