@@ -24,7 +24,7 @@ import torch
 from adl.errors import AdlError
 from adl.extract import models
 from adl.extract.recorded import recorded_backbone
-from adl.serve.taps import matching_layers
+from adl.serve.taps import layer_lists, matching_layers
 
 # Tokenizer settings that change how a call tokenises, not what the tokenizer is: tokenizer_config's
 # (extraction loads a token task's tokenizer with add_prefix_space for pre-split words; a decoder's
@@ -145,10 +145,14 @@ def unwrap(model, run) -> Target:
     family = models.model_family(hf.config)
     want = int(m["num_hidden_states"])
     stack = hf.get_encoder() if family == "encoder-decoder" else hf.base_model
-    got, layers = _states_and_layers(stack, want)
+    got = models.num_layers(hf.config, family, "encoder") + 1
+    candidates = layer_lists(stack, want - 1)
+    if got == want and not candidates:
+        got = f"{want} in its config, but no list of {want - 1} layers in its modules"
     if got != want:
         raise AdlError(f"this model is not the backbone of run {run.name}: its number of hidden states differs "
                        f"({got} vs {want}): attach the model the run names ({m['id']})")
+    layers = candidates[0] if len(candidates) == 1 else _checked_layers(stack, want)
     if layers is None:
         raise AdlError(f"cannot attach heads to this {type(hf).__name__}: none of its lists of {want - 1} modules "
                        "takes the hidden states output_hidden_states returns (checked on a dummy batch)")
@@ -164,18 +168,18 @@ def unwrap(model, run) -> Target:
     return Target(kind, model, hf, tok, stack, layers, pad, cap)
 
 
-def _states_and_layers(stack, want: int):
-    """-> (number of hidden states the stack returns, its verified list of layers or None), from one
-    dummy batch (the caller's random state is put back: dropout in train mode draws from it)."""
+def _checked_layers(stack, want: int):
+    """Of several lists of ``want - 1`` modules, the one whose hooked states equal output_hidden_states
+    on a dummy batch (``matching_layers``; the caller's random state is put back: dropout in train
+    mode draws from it). Only then: asking for hidden states makes transformers install output
+    hooks of its own on the model, which a single candidate list spares the user's model."""
     param = next(stack.parameters())
     vocab = int(getattr(stack.config, "vocab_size", 0) or 8)
     ids = (torch.arange(2, 10, device=param.device) % vocab)[None]
     mask = torch.ones_like(ids)
     with torch.random.fork_rng(devices=[param.device] if param.device.type == "cuda" else []), torch.inference_mode():
         expected = stack(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-        if len(expected) != want:
-            return len(expected), None
-        return want, matching_layers(stack, want, lambda: stack(input_ids=ids, attention_mask=mask), expected)
+        return matching_layers(stack, want, lambda: stack(input_ids=ids, attention_mask=mask), expected)
 
 
 def _pad_id(hf, tok) -> int | None:
