@@ -161,6 +161,8 @@ def _two_workers(cmd: list[str], env: dict, out: Path, kill_after: float | None 
 def _training_span(out: Path, since: datetime.datetime) -> float:
     """Seconds from the first claim after ``since`` to the last trial told."""
     trials = [t for t in _study(out).get_trials() if t.datetime_start and t.datetime_start >= since]
+    if not any(t.datetime_complete for t in trials):
+        return 0.0  # the sweep had finished before the kill
     return (max(t.datetime_complete for t in trials if t.datetime_complete) -
             min(t.datetime_start for t in trials)).total_seconds()
 
