@@ -334,6 +334,12 @@ def _check_limits(req: PredictRequest, cfg: ServeConfig, names: list[str]) -> No
         raise HTTPException(422, '"heads" is empty: leave it out for every head, or name some')
 
 
+# An idle connection is kept longer than clients and load balancers keep theirs (httpx's default and
+# the common balancers' idle timeouts are shorter): a server that closes first races the client's next
+# request on that connection, which the client sees as a reset (a request the server never saw).
+KEEP_ALIVE_S = 75
+
+
 class _Server(uvicorn.Server):
     """uvicorn's server, which also tells the app when a stop signal arrives (``on_exit``)."""
 
@@ -364,7 +370,7 @@ def serve_app(app: FastAPI, cfg: ServeConfig, log_level: str = "info") -> None:
     access_log(log_level)
     config = uvicorn.Config(BodyLimit(app, cfg.max_body_kb * 1024), host=cfg.host, port=cfg.port,
                             log_level=log_level, server_header=False, access_log=False,
-                            timeout_graceful_shutdown=grace)
+                            timeout_graceful_shutdown=grace, timeout_keep_alive=KEEP_ALIVE_S)
     server = _Server(config, on_exit)
     try:
         server.run()
