@@ -5,10 +5,9 @@ a predict-time plan other than the extraction's is warned about."""
 
 import warnings
 
-import numpy as np
 import pytest
 import torch
-from test_predict import TOL, cache_logits, live_logits
+from test_predict import assert_live_equals_cache
 from tiny_backbones import bert_folder, write_conll, write_csv
 from typer.testing import CliRunner
 
@@ -54,11 +53,7 @@ def test_live_logits_under_bf16_autocast_equal_the_cache_path(runs, monkeypatch,
         p = Predictor([run], device="cpu")
     assert p.manifest["compute"] == {"device": "cpu", "autocast": "bfloat16"} and p.compute_warning is None
     assert not [w for w in caught if "backbone runs on" in str(w.message)]
-    live, _ = live_logits(p, p.runs[0])
-    ref = cache_logits(cache, run)
-    assert set(live) == set(ref)
-    for i in ref:
-        np.testing.assert_allclose(live[i], ref[i], **TOL)
+    assert_live_equals_cache(p, cache, run)
 
 
 def test_another_compute_plan_is_warned_about(runs):

@@ -70,6 +70,15 @@ def live_logits(p, run, split="test"):
     return dict(zip(s.ids.tolist(), pred.logits[run.name])), ds
 
 
+def assert_live_equals_cache(p, cache, run):
+    """The Predictor's logits on the run's test split equal the cache path's, example by example."""
+    live, _ = live_logits(p, p.runs[0])
+    ref = cache_logits(cache, run)
+    assert set(live) == set(ref)
+    for i in ref:
+        np.testing.assert_allclose(live[i], ref[i], **TOL)
+
+
 CASES = [  # name, data, extract options, train options
     ("bert", "csv", dict(views="tokens"), {}),
     ("bert", "csv", dict(views="pooled"), {}),
@@ -97,11 +106,7 @@ CASES = [  # name, data, extract options, train options
 def test_live_logits_equal_the_cache_path_and_metrics_match(assets, tmp_path, name, data, extract, train):
     cache, run = make_run(assets, tmp_path, name, data, extract=extract, **train)
     p = Predictor([run], device="cpu")
-    live, _ = live_logits(p, p.runs[0])
-    ref = cache_logits(cache, run)
-    assert set(live) == set(ref)
-    for i in ref:
-        np.testing.assert_allclose(live[i], ref[i], **TOL)
+    assert_live_equals_cache(p, cache, run)
     # the CLI path scores the same split with the trainer's score: the run's own test metrics
     from adl.serve.predict_cmd import PredictConfig, run_predict
 
@@ -128,11 +133,7 @@ def test_a_mix_of_a_tokens_head_a_pooled_head_and_a_probe_rides_one_pass(assets,
     save_head(run, Ensemble(members, [0.5, 1 / 3, 1 / 6], "sequence"), {k: v for k, v in info.items() if k != "spec"})
     p = Predictor([run], device="cpu")
     assert p.runs[0].info["spec"]["name"] == "ensemble"
-    live, _ = live_logits(p, p.runs[0])
-    ref = cache_logits(cache, run)
-    assert set(live) == set(ref)
-    for i in ref:
-        np.testing.assert_allclose(live[i], ref[i], **TOL)
+    assert_live_equals_cache(p, cache, run)
 
 
 def test_backbone_output_is_unchanged_bit_for_bit(assets, tmp_path):
