@@ -21,9 +21,6 @@ import warnings
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import log_loss
 
 from adl.train.data import SplitData, TrainData
 from adl.train.heads import LinearProbe, task_input
@@ -64,7 +61,18 @@ def probe_features(head: LinearProbe, split: SplitData) -> tuple[np.ndarray, np.
     return torch.cat(xs).numpy(), torch.cat(ys).numpy()
 
 
-def _fold(head: LinearProbe, lr: LogisticRegression, mean: np.ndarray, scale: np.ndarray) -> None:
+def _logistic(x: np.ndarray, y: np.ndarray, C: float):
+    """The fitted L2 logistic regression (scikit-learn, imported here: loading a run never needs it)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    lr = LogisticRegression(C=C, max_iter=MAX_ITER)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return lr.fit(x, y)
+
+
+def _fold(head: LinearProbe, lr, mean: np.ndarray, scale: np.ndarray) -> None:
     """Load the fitted regression into ``head.out`` (classes absent from train never win)."""
     coef, bias = lr.coef_, lr.intercept_
     if coef.shape[0] == 1:  # binary: sklearn keeps the logit of classes_[1] only
@@ -78,6 +86,8 @@ def _fold(head: LinearProbe, lr: LogisticRegression, mean: np.ndarray, scale: np
 
 def fit_probe(head: LinearProbe, data: TrainData, cfg, *, on_epoch=None) -> FitResult:
     """Fit ``head`` (see the module docstring); ``on_epoch(0, row)`` after each C."""
+    from sklearn.metrics import log_loss
+
     start, metric = time.perf_counter(), selection_metric(data.task)
     head.to(data.train.device).eval()
     x, y = probe_features(head, data.train)
@@ -87,10 +97,8 @@ def fit_probe(head: LinearProbe, data: TrainData, cfg, *, on_epoch=None) -> FitR
     weights = head.weights().cpu().numpy()
     for epoch, C in enumerate(CS, start=1):
         t0 = time.perf_counter()
-        lr = LogisticRegression(C=C, max_iter=MAX_ITER)
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            lr.fit(x, y)
+        lr = _logistic(x, y, C)
+        with torch.no_grad():
             _fold(head, lr, mean, scale)
         val = evaluate(head, data.validation, data.label_names, cfg.batch_size)
         loss = float(log_loss(y, lr.predict_proba(x), labels=lr.classes_))
@@ -116,11 +124,7 @@ def refit_probe(head: LinearProbe, data: TrainData, C: float) -> None:
     xs, ys = zip(*(probe_features(head, split) for split in (data.train, data.validation)))
     x, y = np.concatenate(xs), np.concatenate(ys)
     mean, scale = x.mean(0), x.std(0) + 1e-8
-    lr = LogisticRegression(C=C, max_iter=MAX_ITER)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        lr.fit((x - mean) / scale, y)
-    _fold(head, lr, mean, scale)
+    _fold(head, _logistic((x - mean) / scale, y, C), mean, scale)
 
 
 def chosen_c(result: FitResult) -> float:
