@@ -243,6 +243,7 @@ def _sweep_params() -> list[inspect.Parameter]:
               opt("study", Optional[str], "--study", helps["study"]),
               opt("group_size", Optional[int], "--group-size", helps["group_size"]),
               opt("checkpoint_every_s", Optional[float], "--checkpoint-every-s", helps["checkpoint_every_s"]),
+              opt("checkpoints", Optional[str], "--checkpoints", helps["checkpoints"]),
               opt("vectorise", Optional[bool], "--vectorise/--no-vectorise", helps["vectorise"]),
               opt("baselines", Optional[str], "--baselines", helps["baselines"]),
               opt("top", Optional[int], "--top", helps["top"]),
@@ -271,7 +272,7 @@ def _sweep(**opts) -> None:
     machine = {k: opts[k] for k in ("cache", "device", "memory_gb") if opts[k] is not None}
     space = parse_space({name: opts[name] for name in SWEEPABLE})
     sweep = {k: opts[k] for k in ("search", "trials", "seeds", "out", "storage", "study", "group_size",
-                                  "checkpoint_every_s", "vectorise", "baselines", "top") if opts[k] is not None}
+                                  "checkpoint_every_s", "checkpoints", "vectorise", "baselines", "top") if opts[k] is not None}
     cfg = SweepConfig(base=TrainConfig(**machine), space=space, **sweep)
     if "train_limit" in cfg.dims:  # the workers load each view once, so every point gets the same sample
         raise AdlError("--train-limit takes one value in a sweep; run one sweep per training size")

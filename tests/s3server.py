@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import os
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "not-a-real-secret-0123456789"
@@ -27,6 +30,23 @@ def serve():
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}",
            "ADL_STORAGE_BACKOFF_S": "0.05"}
     return server, env
+
+
+@contextmanager
+def bucket(name: str, versioning: bool = False):
+    """A server with bucket ``name``, its variables set in this process: -> (boto3 client, env)."""
+    server, env = serve()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            s3c = client(env)
+            s3c.create_bucket(Bucket=name)
+            if versioning:
+                s3c.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+            yield s3c, env
+    finally:
+        server.stop()
 
 
 def client(env: dict):

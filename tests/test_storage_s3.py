@@ -25,7 +25,7 @@ from adl.cli import app
 from adl.errors import AdlError
 from adl.extract.config import ExtractConfig
 from adl.extract.run import run_extract
-from s3server import SECRET, child_env, client, serve, set_auth
+from s3server import SECRET, bucket, child_env, set_auth
 from tiny_backbones import bert_folder, write_csv
 
 BUCKET = "adl-test"
@@ -35,17 +35,10 @@ FAST = ["--k", "4", "--heads", "2", "--ff", "8", "--max-epochs", "2"]
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    server, env = serve()
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        s3c = client(env)
-        s3c.create_bucket(Bucket=BUCKET)
-        s3c.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    with bucket(BUCKET, versioning=True) as (s3c, env):
         root = tmp_path_factory.mktemp("s3")
         yield {"env": env, "client": s3c, "bert": str(bert_folder(root / "bert")),
                "csv": f"csv:{write_csv(root / 'd.csv', n=80)}"}
-    server.stop()
 
 
 def config(s3, out: str, **kw) -> ExtractConfig:

@@ -13,11 +13,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
 
+from adl.cache.location import Location
 from adl.sweep import checkpoint
+from s3server import bucket, child_env
 from synthetic import write_synthetic_cache
 
 # one shape, 8 configurations in two groups of 4 (the second not asked for yet at the kill, so
@@ -44,13 +47,13 @@ def reference(cache, tmp_path_factory):
     return _records(out)
 
 
-def _cmd(cache, out):
-    return [sys.executable, "-m", "adl", "sweep", "--cache", str(cache), "--out", str(out), *GRID, *FAST]
+def _cmd(cache, out, *extra):
+    return [sys.executable, "-m", "adl", "sweep", "--cache", str(cache), "--out", str(out), *GRID, *FAST, *extra]
 
 
 def _records(out) -> dict:
     """{grid point: its told record without wall times}; asserts every point is COMPLETE once."""
-    study = optuna.load_study(study_name=out.name, storage=f"sqlite:///{out / 'study.db'}")
+    study = _study(out)
     complete = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
     points = sorted(t.user_attrs["adl_point"] for t in complete)
     assert points == list(range(8)), points  # no point missing, none duplicated
@@ -62,32 +65,45 @@ def _records(out) -> dict:
     return records
 
 
-def _kill_mid_group(cache, out, epoch: int = 3) -> tuple[int, int]:
-    """Start a worker, kill -9 it once its group's checkpoint holds ``epoch``; the epoch and the
-    running configurations of the checkpoint it left."""
-    victim = subprocess.Popen(_cmd(cache, out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _study(out):
+    return optuna.load_study(study_name=out.name, storage=f"sqlite:///{out / 'study.db'}")
+
+
+def _checkpoints(root) -> list[str]:
+    """The checkpoints under a folder or a URL (through adl's own Location, like the workers)."""
+    where = Location(root)
+    if where.url:
+        return [f"{root}/{name}" for name in where.entries() if name.endswith(".ckpt")]
+    return [str(p) for p in Path(root).glob("*.ckpt")]
+
+
+def _kill_mid_group(cache, out, epoch: int = 3, extra=(), env=ENV, root=None) -> tuple[int, int]:
+    """Start a worker, kill -9 it once its group's checkpoint (in ``root``, default the sweep
+    folder's) holds ``epoch``; the epoch and the running configurations of the checkpoint it left."""
+    root = root or out / "checkpoints"
+    victim = subprocess.Popen(_cmd(cache, out, *extra), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, seen = time.time() + TIMEOUT, 0
     try:
         while time.time() < deadline and victim.poll() is None and seen < epoch:
-            for path in (out / "checkpoints").glob("*.ckpt"):
+            for location in _checkpoints(root):
                 try:
-                    seen = max(seen, checkpoint.read(str(path))["epoch"])
+                    seen = max(seen, checkpoint.read(location)["epoch"])
                 except (checkpoint.CheckpointDamaged, TypeError, OSError):
-                    pass  # replaced while read
+                    pass  # replaced (or deleted) while read
             time.sleep(0.05)
     finally:
         victim.send_signal(signal.SIGKILL)
         victim.wait()
     assert seen >= epoch, "the worker finished (or never checkpointed) before it could be killed"
-    files = list((out / "checkpoints").glob("*.ckpt"))
-    assert len(files) == 1  # one checkpoint per running group
-    payload = checkpoint.read(str(files[0]))
+    found = _checkpoints(root)
+    assert len(found) == 1  # one checkpoint per running group
+    payload = checkpoint.read(found[0])
     return payload["epoch"], len(payload["state"]["rows"])
 
 
-def _rerun(cache, out, n: int = 1) -> list[str]:
-    procs = [subprocess.Popen(_cmd(cache, out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(n)]
+def _rerun(cache, out, n: int = 1, extra=(), env=ENV) -> list[str]:
+    procs = [subprocess.Popen(_cmd(cache, out, *extra), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(n)]
     outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * n, outputs
     return outputs
@@ -103,7 +119,7 @@ def _resumed(output: str) -> tuple[int, int]:
 def test_kill_9_mid_group_then_rerun_resumes_bit_for_bit(cache, reference, tmp_path):
     out = tmp_path / "s"
     at, running = _kill_mid_group(cache, out)
-    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{out / 'study.db'}").get_trials()
+    trials = _study(out).get_trials()
     told = sum(t.state.name == "COMPLETE" for t in trials)  # configurations that stopped early, told at once
     assert told >= 1 and all("adl_checkpoint" in t.user_attrs for t in trials)
     (output,) = _rerun(cache, out)
@@ -134,6 +150,55 @@ def test_two_workers_racing_for_one_dead_group_exactly_one_resumes_it(cache, ref
     assert sorted(c[0] > 0 for c in counts) == [False, True], outputs  # exactly one resumed the group
     assert sum(c[1] for c in counts) == 4  # the second group, never started; nothing of the first
     assert _records(out) == reference
+
+
+# ---- checkpoints on an object store: a worker on another machine resumes the group ------------
+BUCKET = "adl-ckpt"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3 API on loopback (moto's server); this process and the workers use its variables."""
+    with bucket(BUCKET) as (s3c, env):
+        yield {"client": s3c, "env": {**child_env(env), **{k: ENV[k] for k in ("OMP_NUM_THREADS", "COLUMNS",
+                                                                            "ADL_SWEEP_HEARTBEAT_S", "ADL_SWEEP_GRACE_S")}}}
+
+
+def _objects(s3, prefix: str) -> list[str]:
+    listed = s3["client"].list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/")
+    return [o["Key"] for o in listed.get("Contents", [])]
+
+
+def test_checkpoints_on_s3_resume_on_another_machine_bit_for_bit(cache, reference, s3, tmp_path):
+    """The worker dies; a worker of "another machine" (another sweep folder and temp folder, so
+    neither the first's disk nor its OS lock: it goes by heartbeats) resumes its group from the
+    checkpoint object, sharing only the study and the bucket."""
+    out, url = tmp_path / "s", f"s3://{BUCKET}/{tmp_path.name}/ckpt"
+    at, _ = _kill_mid_group(cache, out, extra=("--checkpoints", url), env=s3["env"], root=url)
+    assert not (out / "checkpoints").exists()  # nothing on the first machine's disk
+    (tmp_path / "tmp2").mkdir()
+    elsewhere = {**s3["env"], "TMPDIR": str(tmp_path / "tmp2"), "ADL_SWEEP_GRACE_S": "4"}
+    (output,) = _rerun(cache, tmp_path / "other", extra=("--checkpoints", url, "--storage",
+                                                        f"sqlite:///{out / 'study.db'}", "--study", "s"),
+                       env=elsewhere)
+    assert f"from epoch {at}" in output and f"checkpoint {url}/" in " ".join(output.split())
+    assert _resumed(output)[0] >= 1
+    assert _records(out) == reference  # bit for bit
+    assert _objects(s3, f"{tmp_path.name}/ckpt") == []  # deleted once the group was told
+
+
+def test_a_damaged_checkpoint_object_is_named_and_its_group_restarts(cache, reference, s3, tmp_path):
+    out, prefix = tmp_path / "s", f"{tmp_path.name}/ckpt"
+    url = f"s3://{BUCKET}/{prefix}"
+    _kill_mid_group(cache, out, epoch=2, extra=("--checkpoints", url), env=s3["env"], root=url)
+    (key,) = _objects(s3, prefix)
+    body = s3["client"].get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    s3["client"].put_object(Bucket=BUCKET, Key=key, Body=body[:-100] + bytes(100))  # its end zeroed
+    (output,) = _rerun(cache, out, extra=("--checkpoints", url), env=s3["env"])
+    assert f"warning: checkpoint s3://{BUCKET}/{key} is damaged (checksum mismatch" in " ".join(output.split())
+    assert "from scratch" in output and _resumed(output)[0] == 0
+    assert _records(out) == reference  # restarted from epoch 0, never from garbage
+    assert _objects(s3, prefix) == []
 
 
 # ---- the training loop's state, in process ----------------------------------------------------

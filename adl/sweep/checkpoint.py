@@ -1,20 +1,25 @@
-"""Group checkpoints: a running group's whole training state in one file next to the study.
+"""Group checkpoints: a running group's whole training state in one file or object.
 
-    <sweep folder>/checkpoints/<group id>.ckpt   =   MAGIC (8 bytes) | sha256(payload) (32) | payload
+    <checkpoints>/<group id>.ckpt   =   MAGIC (8 bytes) | sha256(payload) (32) | payload
 
-The payload is ``torch.save`` of {"version", "digest" (the sweep's), "jobs" (each row's point
-and seed), "trials" (each row's trial number when the group started), "epoch", "state"}, where
-``state`` is ``adl.train.trainer.LoopState.state``: stacked parameters and AdamW moments per
-configuration, learning rates, ReduceLROnPlateau state, best scores and best states, histories,
-the RNG streams and the epoch. It holds plain values and tensors only and is read with
-``torch.load(weights_only=True)``, after the checksum, so a truncated or changed file is named
-and never read as a state.
+``<checkpoints>`` is ``--checkpoints``: a folder (default ``<sweep folder>/checkpoints``) or an
+object-store URL (``s3://bucket/prefix``, any fsspec protocol), reached through
+``adl.cache.location.Location`` like a cache on a store. A URL (or a folder every machine
+mounts) lets a worker on another machine resume a dead worker's group.
 
-A write goes to a temporary file in the same folder, is fsynced, then renamed over the old one
-(atomic on POSIX): a reader sees the previous checkpoint or the new one, whole. One file per
-running group, rewritten in place; ``delete`` once every configuration of the group is told.
+The payload is {"version", "digest" (the sweep's), "jobs" (each row's point and seed),
+"trials" (each row's trial number when the group started), "epoch", "state"}, where ``state`` is ``adl.train.trainer.LoopState.state``: stacked parameters and
+AdamW moments per configuration, learning rates, ReduceLROnPlateau state, best scores and best
+states, histories, the RNG streams and the epoch. Its hundreds of small tensors are packed into
+one flat tensor per dtype (``pack``, ``flatten``), and ``torch.save`` writes the rest: it pays
+per tensor, far more than per byte. It holds
+plain values and tensors only and is read with ``torch.load(weights_only=True)``, after the
+checksum, so a truncated or changed checkpoint is named and never read as a state.
 
-Locations are strings (today a path; an object-storage URL fits the same four calls).
+A write replaces the whole checkpoint atomically: on disk a temporary file, fsynced, renamed
+over the old one; on a store one whole-object PUT. A reader sees the previous checkpoint or the
+new one, whole. One per running group, rewritten in place; ``delete`` once every configuration
+of the group is told.
 """
 
 from __future__ import annotations
@@ -28,56 +33,134 @@ from pathlib import Path
 
 import torch
 
-from adl.cache.durable import write_bytes
+from adl.cache.location import Location, is_url, mask
 
 MAGIC = b"ADLCKPT1"
-VERSION = 1
+VERSION = 2
+TENSOR = "adl_tensor"  # a packed tensor's marker: {TENSOR: index into the table of "tensors"}
 
 
 class CheckpointDamaged(Exception):
-    """A checkpoint whose checksum or contents do not hold; the message names the file."""
+    """A checkpoint whose checksum or contents do not hold; the message names it."""
 
 
-def new_location(sweep_dir: Path) -> str:
-    """Where a new group's checkpoint goes: a fresh name in ``<sweep_dir>/checkpoints``."""
-    return str((Path(sweep_dir) / "checkpoints" / f"{secrets.token_hex(6)}.ckpt").resolve())
+def new_location(root) -> str:
+    """Where a new group's checkpoint goes: a fresh name in the folder or under the URL ``root``."""
+    name = f"{secrets.token_hex(6)}.ckpt"
+    return f"{str(root).rstrip('/')}/{name}" if is_url(root) else str((Path(root) / name).resolve())
+
+
+def shown(location: str) -> str:
+    """``location`` for a message (an URL's credentials masked)."""
+    return mask(location)
+
+
+def _split(location: str) -> tuple[Location, str]:
+    parent, _, name = location.rpartition("/")
+    return Location(parent), name
+
+
+def pack(obj, table: list):
+    """``obj`` with each tensor replaced by {TENSOR: i}; the tensors go to ``table``."""
+    if isinstance(obj, torch.Tensor):
+        table.append(obj)
+        return {TENSOR: len(table) - 1}
+    if isinstance(obj, dict):
+        return {k: pack(v, table) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(pack(v, table) for v in obj)
+    return obj
+
+
+def unpack(obj, tensors: list):
+    if isinstance(obj, dict):
+        return tensors[obj[TENSOR]] if obj.keys() == {TENSOR} else {k: unpack(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(unpack(v, tensors) for v in obj)
+    return obj
+
+
+def flatten(tensors: list) -> dict:
+    """{"flat": {dtype name: one 1-D tensor}, "index": [(dtype name, offset, shape)]}: a few
+    tensors to serialise instead of many."""
+    by_dtype: dict[str, list] = {}
+    index = []
+    for t in tensors:
+        key = str(t.dtype).removeprefix("torch.")
+        parts = by_dtype.setdefault(key, [])
+        index.append((key, sum(p.numel() for p in parts), list(t.shape)))
+        parts.append(t.detach().reshape(-1).cpu())
+    return {"flat": {k: torch.cat(v) for k, v in by_dtype.items()}, "index": index}
+
+
+def unflatten(packed: dict) -> list:
+    """The tensors of ``flatten``, each a copy of its own (not a view of the flat buffer)."""
+    out = []
+    for key, offset, shape in packed["index"]:
+        n = 1
+        for s in shape:
+            n *= s
+        out.append(packed["flat"][key][offset:offset + n].reshape(shape).clone())
+    return out
+
+
+def encode(payload: dict) -> bytes:
+    """MAGIC | sha256 | torch.save of ``payload`` with its tensors packed."""
+    table: list = []
+    skeleton = pack(payload, table)
+    buf = io.BytesIO()
+    torch.save({"skeleton": skeleton, "tensors": flatten(table)}, buf)
+    body = buf.getvalue()
+    return MAGIC + hashlib.sha256(body).digest() + body
+
+
+def decode(data: bytes, location: str) -> dict:
+    """The payload of ``encode``; CheckpointDamaged (naming ``location``) when it does not check."""
+    where = shown(location)
+    if len(data) < len(MAGIC) + 32 or not data.startswith(MAGIC):
+        raise CheckpointDamaged(f"checkpoint {where} is damaged (truncated to {len(data)} bytes or not a "
+                                "checkpoint)")
+    digest, body = data[len(MAGIC):len(MAGIC) + 32], data[len(MAGIC) + 32:]
+    if hashlib.sha256(body).digest() != digest:
+        raise CheckpointDamaged(f"checkpoint {where} is damaged (checksum mismatch: truncated or changed)")
+    try:
+        raw = torch.load(io.BytesIO(body), weights_only=True)
+        payload = unpack(raw["skeleton"], unflatten(raw["tensors"]))
+    except Exception as e:  # noqa: BLE001  (a file another torch wrote, or a bug: never trained from)
+        raise CheckpointDamaged(f"checkpoint {where} cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict) or payload.get("version") != VERSION:
+        raise CheckpointDamaged(f"checkpoint {where} has another format version")
+    return payload
 
 
 def write(location: str, payload: dict) -> int:
     """Atomically replace ``location`` with ``payload``; returns the bytes written."""
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    body = buf.getvalue()
-    data = MAGIC + hashlib.sha256(body).digest() + body
-    path = Path(location)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes(path, data)  # temp file, fsync, rename, fsync of the folder
+    data = encode(payload)
+    root, name = _split(location)
+    if not root.url:
+        Path(root.where).mkdir(parents=True, exist_ok=True)
+    root.write_bytes(name, data)  # disk: temp file, fsync, rename, fsync of the folder; store: one PUT
     return len(data)
 
 
 def read(location: str) -> dict | None:
     """The payload at ``location``; None when there is none; CheckpointDamaged when it does not check."""
+    root, name = _split(location)
     try:
-        data = Path(location).read_bytes()
+        if root.url and not root.exists(name):
+            return None
+        data = root.read_bytes(name)
     except FileNotFoundError:
         return None
-    if len(data) < len(MAGIC) + 32 or not data.startswith(MAGIC):
-        raise CheckpointDamaged(f"checkpoint {location} is damaged (truncated to {len(data)} bytes or not a "
-                                "checkpoint)")
-    digest, body = data[len(MAGIC):len(MAGIC) + 32], data[len(MAGIC) + 32:]
-    if hashlib.sha256(body).digest() != digest:
-        raise CheckpointDamaged(f"checkpoint {location} is damaged (checksum mismatch: truncated or changed)")
-    try:
-        payload = torch.load(io.BytesIO(body), weights_only=True)
-    except Exception as e:  # noqa: BLE001  (a file another torch wrote, or a bug: never trained from)
-        raise CheckpointDamaged(f"checkpoint {location} cannot be read ({type(e).__name__}: {e})") from None
-    if not isinstance(payload, dict) or payload.get("version") != VERSION:
-        raise CheckpointDamaged(f"checkpoint {location} has another format version")
-    return payload
+    return decode(data, location)
 
 
 def delete(location: str) -> None:
-    Path(location).unlink(missing_ok=True)
+    root, name = _split(location)
+    if root.url:
+        root.remove([name])
+    else:
+        Path(root.where, name).unlink(missing_ok=True)
 
 
 @dataclass

@@ -149,6 +149,9 @@ class SweepConfig:
     checkpoint_every_s: float = field(default=60.0, metadata={
         "help": "checkpoint a running group at the end of an epoch once this many seconds passed since the last "
                 "(0: every epoch)"})
+    checkpoints: str | None = field(default=None, metadata={
+        "help": "where running groups' checkpoints go: a folder, or an object-store URL (s3://bucket/prefix) that "
+                "workers on other machines reach (default <out>/checkpoints)"})
     vectorise: bool = field(default=True, metadata={"help": "train a group in one vmapped pass (else fit each)"})
     baselines: str = field(default="auto", metadata={"help": "auto (read or train), off, or a baselines.csv path"})
     top: int = field(default=10, metadata={"help": "rows of the top-configurations table"})
@@ -206,6 +209,10 @@ class SweepConfig:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.definition(), sort_keys=True).encode()).hexdigest()[:10]
+
+    def checkpoint_root(self) -> str:
+        """Where group checkpoints go: ``--checkpoints`` (a folder or a URL), else <out>/checkpoints."""
+        return self.checkpoints.rstrip("/") if self.checkpoints else str(self.out_dir() / "checkpoints")
 
     def out_dir(self) -> Path:
         return local_folder(self.out, "sweep folders") if self.out else Path("sweeps") / f"{Path(self.base.cache).name}-{self.digest()}"

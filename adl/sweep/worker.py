@@ -23,6 +23,7 @@ from rich.console import Console
 
 from adl import __version__
 from adl.cache import open_cache, write_json
+from adl.cache.location import is_url
 from adl.errors import AdlError
 from adl.sweep.config import SweepConfig, SweepSpace
 from adl.sweep import checkpoint
@@ -156,7 +157,7 @@ class Worker:
             self.console.print(f"resuming {_resumable(jobs, payload['state'])} configuration(s) of a stopped worker's "
                                f"group from epoch {payload['epoch']}" +
                                (f" ({told} told before it stopped train along)" if told else "") +
-                               f"; checkpoint {resume.location}", highlight=False, soft_wrap=True)
+                               f"; checkpoint {checkpoint.shown(resume.location)}", highlight=False, soft_wrap=True)
         self._train(jobs, set(), resume=(resume.location, payload))
         self._settle(resume.trials)
 
@@ -166,14 +167,17 @@ class Worker:
             payload = checkpoint.read(location)
             if payload is not None and (payload.get("digest") != self.cfg.digest() or
                                         payload.get("jobs") != [j.point for j in jobs]):
-                raise checkpoint.CheckpointDamaged(f"checkpoint {location} is not this group's")
+                raise checkpoint.CheckpointDamaged(f"checkpoint {checkpoint.shown(location)} is not this group's")
         except checkpoint.CheckpointDamaged as e:
             self.console.print(f"warning: {e}; starting its {len(jobs)} configuration(s) from scratch",
                                highlight=False, soft_wrap=True)
             return None
         if payload is None:
-            self.console.print(f"no checkpoint of a stopped worker's group was written yet ({location}); starting "
-                               f"its {len(jobs)} configuration(s) from scratch", highlight=False, soft_wrap=True)
+            where = "" if is_url(location) else " (or it is on another machine's disk: give every worker " \
+                "--checkpoints with a URL or a folder they all reach)"
+            self.console.print(f"no checkpoint of a stopped worker's group at {checkpoint.shown(location)}: none was "
+                               f"written yet{where}; starting its {len(jobs)} configuration(s) from scratch",
+                               highlight=False, soft_wrap=True)
         return payload
 
     def _expect(self, jobs: list[Job]) -> None:
@@ -254,7 +258,7 @@ class Worker:
         trials are not one job each (tpe with --seeds: a trial's seeds train in separate groups)."""
         if self.study is None or any(len(self.pending.get(j.trial.number, ())) != 1 for j in jobs):
             return None
-        location = checkpoint.new_location(self.cfg.out_dir())
+        location = checkpoint.new_location(self.cfg.checkpoint_root())
         self.study.tag_group([j.trial for j in jobs], location)
         return location
 
@@ -347,7 +351,12 @@ def run_sweep(cfg: SweepConfig, *, console: Console | None = None) -> dict:
                                     "study": study.study.study_name, "cache": str(cache.root),
                                     "definition": cfg.definition(), "digest": cfg.digest(),
                                     "train_limit": cfg.fixed.train_limit,
+                                    "checkpoints": checkpoint.shown(cfg.checkpoint_root()),
                                     "adl_version": __version__})
+    if cfg.checkpoints is None and not study.url.startswith(("sqlite:", "journal:")):
+        console.print(f"note: group checkpoints go to {cfg.checkpoint_root()} on this machine; a worker on another "
+                      "machine cannot resume from them: give every worker --checkpoints with a URL (s3://bucket/"
+                      "prefix) or a folder they all reach", highlight=False, soft_wrap=True)
     total = len(space.points) if space.search == "grid" else cfg.trials
     console.print(f"sweep {study.study.study_name}: {cfg.search}, {total} trials, storage "
                   f"{safe_url(study.url)}", highlight=False, soft_wrap=True)
