@@ -17,6 +17,7 @@ lasso, lr, weight decay, patience, lr_patience and max_epochs) are neighbours.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -39,9 +40,15 @@ SEARCHES = ("grid", "tpe")
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
+@functools.cache
+def _hints() -> dict:
+    """TrainConfig's field annotations, evaluated once: the CLI asks for each field at every start."""
+    return typing.get_type_hints(TrainConfig)
+
+
 def field_type(name: str) -> type:
     """int, float, bool or str: the TrainConfig field's type without Optional."""
-    hint = typing.get_type_hints(TrainConfig)[name]
+    hint = _hints()[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     return args[0]
 
