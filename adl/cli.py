@@ -116,11 +116,13 @@ def info(
     json_: Annotated[bool, _O("--json", help="print the manifest as JSON")] = False,
     check: Annotated[bool, _O("--check", help="recompute every checksum and name what is damaged (exit 2)")] = False,
 ) -> None:
-    """Summarise a cache: model, task, splits, views, shapes and bytes on disk; --check verifies it."""
-    from adl.cache import open_cache, verify_cache
-    from adl.cache.summary import summary
+    """Summarise a cache (model, task, splits, views, shapes, sizes) from its records, reading no data.
 
+    --check reads every chunk and verifies its checksum.
+    """
     if check:
+        from adl.cache import verify_cache
+
         problems = verify_cache(path)
         if problems:
             err.print(f"[bold red]error:[/] {escape(mask(path))} is damaged ({len(problems)} problem(s)); re-extract it "
@@ -130,11 +132,12 @@ def info(
             raise typer.Exit(2)
         Console().print(f"{escape(mask(path))} verified: the checksums of every shard match", highlight=False)
         return
-    with open_cache(path) as cache:
-        if json_:
-            typer.echo(json.dumps(cache.manifest, indent=2, sort_keys=True))
-        else:
-            Console().print(summary(cache))
+    from adl.cache.summary import finished, summary
+
+    if json_:
+        typer.echo(json.dumps(finished(path)[1], indent=2, sort_keys=True))
+    else:
+        Console().print(summary(path))
 
 
 # ---- stage two: train, baselines ----------------------------------------------------

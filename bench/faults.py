@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from adl.cache import open_cache, read_json, verify_cache
-from adl.cache.backends import FORMATS, open_backend
+from adl.cache.backends import open_backend
+from adl.cache.shards import FORMATS
 from adl.errors import AdlError
 
 ROOT = Path(__file__).resolve().parents[1]

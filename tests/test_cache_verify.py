@@ -136,3 +136,38 @@ def test_adl_info_check_names_the_damage_and_exits_2(tmp_path):
     bad = CliRunner().invoke(app, ["info", str(root), "--check"])
     assert bad.exit_code == 2 and "is damaged (1 problem(s))" in bad.output
     assert f"{SHARD} train/tokens: chunk 1" in bad.output and "Traceback" not in bad.output
+
+
+def test_adl_info_reads_no_chunk_but_names_a_missing_shard(cache):
+    """The summary stops at the shards' records: a deleted chunk is --check's to find, a missing
+    store or done.json is named at once (exit 2)."""
+    from typer.testing import CliRunner
+
+    from adl.cli import app
+
+    root, fmt = cache
+    if fmt == "zarr":
+        chunk(root, "train/tokens", 1).unlink()
+        assert CliRunner().invoke(app, ["info", str(root)]).exit_code == 0
+    (root / f"{SHARD}.done.json").unlink()
+    for args in (["info", str(root)], ["info", str(root), "--json"]):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        assert f"is damaged: {SHARD}: {SHARD}.done.json is missing or unreadable" in " ".join(res.output.split())
+
+
+def test_the_sizes_adl_info_prints_are_those_of_the_stored_chunks(cache):
+    from adl.cache.summary import finished, stored_bytes
+
+    root, fmt = cache
+    _, manifest, records = finished(root)
+    with open_cache(root) as c:
+        for split in c.splits:
+            for view in c.views:
+                name = "tokens" if view == "tokens" else "pooled_mean"
+                if fmt == "zarr":  # the chunk files on disk (the array's own zarr.json aside)
+                    files = (root / f"{SHARD}.zarr" / split / name / "c").rglob("*")
+                    want = sum(p.stat().st_size for p in files if p.is_file())
+                else:  # the chunks HDF5 allocated
+                    want = c.nbytes(split, view)
+                assert stored_bytes(manifest, records, split, view) == want > 0

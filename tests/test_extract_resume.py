@@ -13,7 +13,8 @@ import pytest
 from tiny_backbones import bert_folder, write_conll, write_csv
 
 from adl.cache import open_cache, read_json, shard_name
-from adl.cache.backends import FORMATS, ZarrBackend, open_backend
+from adl.cache.backends import ZarrBackend, open_backend
+from adl.cache.shards import FORMATS
 from adl.errors import AdlError
 from adl.extract.config import ExtractConfig
 from adl.extract.run import run_extract

@@ -216,6 +216,6 @@ def test_markup_in_labels_is_printed_literally(assets, tmp_path):
     console = Console(record=True, width=200)
     with open_cache(tmp_path / "[red]c") as cache:
         assert cache.label_names == ["[/]", "[x]"]
-        console.print(summary(cache))
+    console.print(summary(tmp_path / "[red]c"))
     text = console.export_text()
     assert "[/], [x]" in text and "[red]c" in text

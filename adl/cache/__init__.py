@@ -17,7 +17,7 @@ _HOMES = {
     "Cache": "reader", "LazyRows": "reader", "open_cache": "reader",
     "verify_cache": "verify",
     "BackgroundWriter": "writer", "ShardWriter": "writer", "SplitLayout": "writer", "finalize": "writer",
-    "shard_name": "writer",
+    "shard_name": "shards",
 }
 
 __all__ = sorted(_HOMES)

@@ -37,14 +37,8 @@ import numpy as np
 
 from adl.cache.durable import fsync_dir, fsync_file
 from adl.cache.location import Location, is_url
+from adl.cache.shards import chunk_count, hdf5_on_url
 from adl.errors import AdlError
-
-FORMATS = {"zarr": ".zarr", "hdf5": ".h5"}
-
-
-def chunk_count(rows: int, chunk_rows: int) -> int:
-    return -(-rows // chunk_rows) if rows else 0
-
 
 class ZarrBackend:
     def __init__(self, path, mode: str):
@@ -217,11 +211,6 @@ def open_backend(path, fmt: str, mode: str):
     if fmt == "hdf5" and is_url(path):
         raise AdlError(hdf5_on_url(path))
     return {"zarr": ZarrBackend, "hdf5": HDF5Backend}[fmt](path, mode)
-
-
-def hdf5_on_url(where) -> str:
-    return (f"{Location(where)}: HDF5 cannot live on an object store (it rewrites one file in place); "
-            "use --format zarr")
 
 
 def digest(store, name: str) -> dict:

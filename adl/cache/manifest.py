@@ -18,6 +18,7 @@ from adl.errors import AdlError
 # 2: done.json records rows and chunk checksums per array; zarr stores every chunk
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
+ITEMSIZE = {"float16": 2, "float32": 4}  # the dtypes a cache stores its states in, and their bytes per value
 
 # Keys the writer must provide; the reader relies on them.
 REQUIRED = (
@@ -38,8 +39,8 @@ REQUIRED = (
 )
 
 
-__all__ = ["MANIFEST", "REQUIRED", "SCHEMA_VERSION", "manifest_hash", "read_json", "read_manifest", "write_json",
-           "build_manifest"]
+__all__ = ["ITEMSIZE", "MANIFEST", "REQUIRED", "SCHEMA_VERSION", "manifest_hash", "ordered_splits", "read_json",
+           "read_manifest", "write_json", "build_manifest"]
 # Types of the fields the reader relies on: a manifest that breaks them is refused.
 TYPES = {"splits": dict, "layers": list, "views": list, "label_names": list, "num_shards": int, "format": str,
          "task": str, "hidden_size": int, "token_dim": int}
@@ -94,6 +95,12 @@ def read_manifest(root) -> dict:
     if wrong or manifest["num_shards"] < 1:
         raise AdlError(f"{path} is malformed (bad {', '.join(wrong) or 'num_shards'}): {redo}")
     return manifest
+
+
+def ordered_splits(manifest: dict) -> list[str]:
+    """Split names, train / validation / test first, then the rest by name (the JSON keys are sorted)."""
+    first = {"train": 0, "validation": 1, "test": 2}
+    return sorted(manifest["splits"], key=lambda s: (first.get(s, len(first)), s))
 
 
 def manifest_hash(manifest: dict) -> str:

@@ -22,12 +22,10 @@ from functools import cached_property
 import numpy as np
 
 from adl.cache.location import Location
-from adl.cache.manifest import manifest_hash, read_manifest
+from adl.cache.manifest import manifest_hash, ordered_splits, read_manifest
+from adl.cache.shards import damaged
 from adl.cache.verify import shard_problems
 from adl.errors import AdlError
-
-
-SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2}
 
 
 class LazyRows:
@@ -74,16 +72,14 @@ class Cache:
                 self.close()
                 if store is not None:
                     store.close()
-                more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-                raise AdlError(f"{self.root} is damaged: {problems[0]}{more}; see `adl info {self.root} --check`, "
-                               "then re-extract with `adl extract ... --overwrite`")
+                raise damaged(self.root, problems)
             self._stores.append(store)
 
     # -- what the cache is ---------------------------------------------------------
     @property
     def splits(self) -> list[str]:
         """Split names, train / validation / test first (the manifest's JSON keys are sorted)."""
-        return sorted(self.manifest["splits"], key=lambda s: (SPLIT_ORDER.get(s, len(SPLIT_ORDER)), s))
+        return ordered_splits(self.manifest)
 
     @property
     def views(self) -> list[str]:

@@ -4,7 +4,8 @@ Every shard's ``done.json`` records, per array, its row count and the crc32 of e
 rows (``backends.digest``). Two levels of checking use it:
 
 - ``shard_problems(..., checksums=False)``, run by ``open_cache`` on every open: each
-  shard's store and done.json exist, every recorded array has its rows, and every chunk is
+  shard's store and done.json exist (``shards.shard_record``, which ``adl info`` stops at),
+  every recorded array has its rows, and every chunk is
   on disk at its full size (zarr: one stat per chunk file; HDF5: the allocated chunk count).
   This is what stops a missing chunk from reading back as zeros. It reads no data.
 - ``verify_cache``: the same, plus every chunk's checksum recomputed (one sequential read
@@ -21,37 +22,27 @@ import zlib
 
 import numpy as np
 
-from adl.cache.backends import FORMATS, chunk_count, hdf5_on_url, open_backend
+from adl.cache.backends import open_backend
 from adl.cache.location import Location, StorageError
-from adl.cache.writer import shard_name
+from adl.cache.shards import FORMATS, chunk_count, shard_name, shard_record
 from adl.errors import AdlError
 
 
 def shard_problems(root, manifest: dict, index: int, checksums: bool = False):
     """-> (opened store or None, problems) for shard ``index`` of the cache at ``root`` (a folder or a URL)."""
     root = Location(root)
-    fmt, count = manifest["format"], manifest["num_shards"]
-    if fmt not in FORMATS:
-        return None, [f"manifest: unknown format {fmt!r} (this adl reads {', '.join(FORMATS)})"]
-    if fmt == "hdf5" and root.url:
-        return None, [hdf5_on_url(root)]
-    name = shard_name(index, count)
-    store_name, done_name = f"{name}{FORMATS[fmt]}", f"{name}.done.json"
-    if not (root.exists(f"{store_name}/zarr.json") if root.url else (root / store_name).exists()):
-        return None, [f"{name}: store {store_name} is missing"]
+    done, problems = shard_record(root, manifest, index)
+    if done is None:
+        return None, problems
+    name = shard_name(index, manifest["num_shards"])
+    store_name = f"{name}{FORMATS[manifest['format']]}"
     try:
-        done = root.read_json(done_name)
-        arrays = done["arrays"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return None, [f"{name}: {done_name} is missing or unreadable ({type(e).__name__})"]
-    try:
-        store = open_backend(root / store_name, fmt, "r")
+        store = open_backend(root / store_name, manifest["format"], "r")
     except AdlError:
         raise
     except Exception as e:  # noqa: BLE001 - any unreadable store is one named problem
         return None, [f"{name}: store {store_name} cannot be opened ({str(e).splitlines()[0]})"]
-    problems = []
-    for key, rec in sorted(arrays.items()):
+    for key, rec in sorted(done["arrays"].items()):
         problems += [f"{name} {key}: {p}" for p in _array_problems(store, key, rec, checksums)]
     return store, problems
 

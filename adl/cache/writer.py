@@ -45,18 +45,15 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock, Timeout
 
-from adl.cache.backends import FORMATS, digest, hdf5_on_url, open_backend
+from adl.cache.backends import digest, open_backend
 from adl.cache.durable import disk_full_error, is_disk_full
 from adl.cache.location import Location, retry
 from adl.cache.manifest import MANIFEST, SCHEMA_VERSION, build_manifest
+from adl.cache.shards import FORMATS, hdf5_on_url, shard_name
 from adl.errors import AdlError
 
 
 MANIFEST_LOCK = ".manifest.lock"
-
-
-def shard_name(index: int, count: int) -> str:
-    return f"shard-{index:05d}-of-{count:05d}"
 
 
 @dataclass(frozen=True)

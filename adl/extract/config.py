@@ -9,13 +9,14 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
+from adl.cache.manifest import ITEMSIZE
 from adl.checks import INT_GE0, INT_GE1, Num, check, choice
 from adl.devices import check_device
 from adl.errors import AdlError
 
 VIEWS = ("pooled", "tokens")
 POOLS = ("mean", "cls", "last", "max")
-DTYPES = ("float16", "float32")
+DTYPES = tuple(ITEMSIZE)
 FORMATS = ("zarr", "hdf5")
 PROJECT_METHODS = ("pca", "random")
 _INDEX = r"-?\d+"

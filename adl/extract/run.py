@@ -30,11 +30,12 @@ from rich.markup import escape
 from rich.text import Text
 
 from adl.cache import BackgroundWriter, ShardWriter, read_manifest
-from adl.cache.backends import hdf5_on_url
 from adl.cache.durable import disk_full_error, is_disk_full
 from adl.cache.projection import FILE as PROJECTION_FILE
 from adl.cache.projection import Projection
 from adl.cache.location import Location
+from adl.cache.manifest import ITEMSIZE
+from adl.cache.shards import hdf5_on_url
 from adl.cache.writer import publish
 from adl.cache.summary import human
 from adl.errors import AdlError
@@ -138,7 +139,7 @@ def _settle(cfg, root, task, info, splits, layers, max_length, console) -> dict:
     token_dim = cfg.project or info.hidden_size
     pools = list(cfg.pool or (["last"] if info.states == "decoder" else ["mean"]))
     sizes = tokenize.view_bytes(splits, len(layers), info.hidden_size, token_dim, len(pools),
-                                2 if cfg.dtype == "float16" else 4)
+                                ITEMSIZE[cfg.dtype])
     free = plan.free_bytes(root)
     console.print(f"size estimate: pooled ({', '.join(pools)}) {human(sizes['pooled'])}, tokens "
                   f"{human(sizes['tokens'])} ({len(layers)} x {token_dim} per token); "
