@@ -1,5 +1,6 @@
 """Each command imports its own machinery: loading the CLI, `adl --help` and `adl info` pull in no
-torch, FastAPI, uvicorn, Optuna, matplotlib or PEFT (they cost seconds at every start otherwise)."""
+torch, FastAPI, uvicorn, Optuna, matplotlib or PEFT (they cost seconds at every start otherwise),
+and `adl info` reads the shards' records without numpy or a store library."""
 
 import json
 import os
@@ -40,4 +41,30 @@ def test_help_and_info_run_without_them(tmp_path):
            "for args in (['--help'], ['info', {cache!r}], ['info', {cache!r}, '--json'], ['train', '--help']):\n"
            "    res = CliRunner().invoke(app, args)\n"
            "    assert res.exit_code == 0, res.output\n").format(cache=str(cache))
-    assert loaded_after(run) == []
+    assert loaded_after(run, HEAVY + STORE) == []
+
+
+# what `adl predict` must not load: training's and evaluation's libraries (seqeval.metrics imports
+# scikit-learn and pandas), the server's, the sweep's, and the cache's store libraries. SciPy is not
+# listed: transformers imports scipy.optimize itself when it loads a model, bare forward included.
+PREDICT_NEVER = ("sklearn", "seqeval.metrics", "pandas", "fastapi", "uvicorn", "optuna", "matplotlib", "peft",
+                 "zarr", "h5py", "datasets")
+
+
+def test_predicting_with_a_ner_head_loads_no_evaluation_library(tmp_path):
+    from tiny_backbones import bert_folder, write_conll
+
+    from adl.extract.config import ExtractConfig
+    from adl.extract.run import run_extract
+    from adl.train.config import TrainConfig
+    from adl.train.run import run_train
+
+    bert, data = bert_folder(tmp_path / "bert"), write_conll(tmp_path / "d.conll")
+    run_extract(ExtractConfig(model=str(bert), dataset=f"conll:{data}", out=str(tmp_path / "c"), batch_size=8,
+                              progress=False))
+    run_train(TrainConfig(cache=str(tmp_path / "c"), out=str(tmp_path / "ner"), head="adalayers", k=8, heads=2, ff=16,
+                          max_epochs=1, device="cpu"))
+    run = ("from typer.testing import CliRunner\nfrom adl.cli import app\n"
+           "res = CliRunner().invoke(app, ['predict', '--run', {run!r}, '--text', 'john sat in london'])\n"
+           "assert res.exit_code == 0 and 'ner' in res.output, res.output\n").format(run=str(tmp_path / "ner"))
+    assert loaded_after(run, PREDICT_NEVER) == []
