@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from adl.serve.batcher import (Batcher, ClientGone, Limits, LoopDied, Observer, Overloaded,  # noqa: E402
-                               ShuttingDown, TimedOut, TooLong)
+from adl.serve.admission import (ClientGone, Limits, LoopDied, Overloaded, ShuttingDown, TimedOut,  # noqa: E402
+                                 TooLong)
+from adl.serve.batcher import Batcher, Observer  # noqa: E402
 
 
 @dataclass
@@ -248,7 +249,7 @@ def test_every_predictor_call_runs_on_the_thread_it_was_loaded_on():
     """One thread runs all torch work (a second OpenMP team made libgomp sleep between regions)."""
     from fastapi.testclient import TestClient
 
-    from adl.serve.batcher import model_thread
+    from adl.serve.model_thread import model_thread
     from adl.serve.server import ServeConfig, create_app
 
     threads = []

@@ -3,7 +3,8 @@
 Requests wait in an asyncio queue. One loop takes the first waiting request, then keeps taking
 more until the batch holds ``max_batch_size`` texts or ``max_wait`` seconds have passed, and
 runs the whole batch as one ``predictor(texts, heads=..., return_embedding=...)`` call on the
-model thread (so the event loop keeps accepting requests and Predictor calls never overlap).
+model thread (adl/serve/model_thread.py), so the event loop keeps accepting requests and
+Predictor calls never overlap.
 While a batch runs, new requests pile up in the queue and form the next one, so the batch size
 follows the load by itself.
 
@@ -29,7 +30,7 @@ next requests while the rest run, so the next call finds them waiting.
 When a batch of several requests fails, each request not yet answered is run again alone, so a
 request that breaks the Predictor fails by itself and its neighbours still get their answers.
 
-Admission (``Limits``): at most ``max_requests`` requests are admitted at once (waiting or
+Admission (``Limits``, adl/serve/admission.py): at most ``max_requests`` requests are admitted at once (waiting or
 running), so the queue is bounded; one more is refused at once (``Overloaded``). A request not
 started within ``timeout`` seconds leaves the queue (``TimedOut``), and so does one whose client
 went away: neither is ever computed. If the loop itself dies, every admitted request fails with
@@ -43,91 +44,16 @@ import asyncio
 import collections
 import functools
 import itertools
-import queue
-import threading
 import time
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
+from adl.serve.admission import ClientGone, Limits, LoopDied, Overloaded, ShuttingDown, TimedOut, TooLong
 from adl.serve.decode import raw_scores
+from adl.serve.model_thread import model_thread
 
 QUIET = 0.002  # seconds without a new request that close a batch before max_wait
-
-
-class ModelThread(Executor):
-    """The one thread that runs every torch operation of a server: load the Predictor on it
-    (``model_thread().submit(Predictor, runs).result()``) and hand it to the Batcher.
-
-    Why one thread: with OpenMP (torch's CPU threads), each thread that runs a parallel region
-    gets a team of threads of its own, and once a process holds more OpenMP threads than cores,
-    libgomp stops spin-waiting between regions and puts its threads to sleep after each one. A
-    model loaded and warmed on the main thread, then run on a worker, made every single-text
-    call about twice as slow on 2 cores (33 ms against 15-24 ms, MiniLM; docs/serve.md).
-
-    Why not a ThreadPoolExecutor: its threads are joined at interpreter exit, so a forward that
-    hangs would keep a server that was told to stop from ever exiting. This thread is a daemon."""
-
-    def __init__(self):
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._work, name="adl-predict", daemon=True)
-        self._thread.start()
-
-    def submit(self, fn, /, *args, **kwargs) -> Future:
-        future: Future = Future()
-        self._jobs.put((future, fn, args, kwargs))
-        return future
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._jobs.put(None)
-        if wait:
-            self._thread.join()
-
-    def _work(self) -> None:
-        while (item := self._jobs.get()) is not None:
-            future, fn, args, kwargs = item
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn(*args, **kwargs))
-                except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
-                    future.set_exception(e)
-
-
-def model_thread() -> ModelThread:
-    """The server's model thread (see ``ModelThread``)."""
-    return ModelThread()
-
-
-class Overloaded(Exception):
-    """``max_requests`` requests are admitted already (HTTP 429)."""
-
-
-class TimedOut(Exception):
-    """Not started within the timeout: dropped from the queue, never computed (HTTP 503)."""
-
-
-class ClientGone(Exception):
-    """The client went away before its request started: dropped, never computed."""
-
-
-class ShuttingDown(Exception):
-    """The server is stopping and the request was not answered in time (HTTP 503)."""
-
-
-class LoopDied(Exception):
-    """The batching loop ended on an error: nothing can be answered any more (HTTP 500)."""
-
-
-class TooLong(Exception):
-    """A text over the model's max_length, with truncation refused by the request (HTTP 413)."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Admission: requests admitted at once (waiting or running), and seconds one may wait to start."""
-
-    max_requests: int = 512
-    timeout: float = 30.0
 
 
 class Observer:

@@ -59,11 +59,12 @@ from adl.devices import HELP as DEVICE_HELP
 from adl.devices import check_device
 from adl.errors import AdlError
 from adl.serve import Predictor
-from adl.serve.batcher import (Batcher, ClientGone, Limits, LoopDied, Overloaded, ShuttingDown, TimedOut, TooLong,
-                               model_thread)
+from adl.serve.admission import ClientGone, Limits, LoopDied, Overloaded, ShuttingDown, TimedOut, TooLong
+from adl.serve.batcher import Batcher
 from adl.serve.live_heads import LoadRequest, Served
 from adl.serve.metrics import Metrics
 from adl.serve.middleware import BodyLimit, Counted, access_log, error
+from adl.serve.model_thread import model_thread
 from adl.serve.openai_api import add_embeddings_route
 
 TOKEN_ENV = "ADL_SERVE_TOKEN"
@@ -163,7 +164,7 @@ def _explain(errors) -> str:
 
 def create_app(predictor, cfg: ServeConfig, token: str | None = None, pool: Executor | None = None) -> FastAPI:
     """The ASGI app around a loaded Predictor (anything with .names, .heads_info() and __call__);
-    ``pool``: the model thread it was loaded on (adl.serve.batcher.model_thread), which runs every call."""
+    ``pool``: the model thread it was loaded on (adl.serve.model_thread.model_thread), which runs every call."""
     metrics = Metrics()
     limits = Limits(cfg.max_concurrent_requests, cfg.request_timeout_s)
     batcher = Batcher(predictor, cfg.max_batch_size, cfg.max_wait_ms / 1000, metrics, pool, limits)
