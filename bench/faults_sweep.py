@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -99,13 +100,18 @@ def main() -> None:
 
 
 # ---- --preempt: what a kill costs ------------------------------------------------------------
-# A 32-point grid (alpha x cutoff x lambda in one shape, x k: two groups of 16), two workers
-# sharing one study in one sweep folder, one group each, checkpoints every epoch. First a clean
-# run (the second worker starts once the first has claimed its group): its training time T (first claim to last trial told, from the study's timestamps) and
-# the checkpoints' size and time (the workers' last lines). Then, for 25%, 50% and 75% of T
-# after the first claim, a fresh sweep whose two workers are killed with SIGKILL at that moment,
-# and a rerun of both. The rerun's training time should be the share of T not yet done at the
-# kill, plus at most one epoch; its process wall time adds the workers' start-up, shown apart.
+# A 32-point grid (alpha x cutoff x lambda in one shape, x k: two shapes of 16 points), two
+# workers started together, sharing one study in one sweep folder, checkpoints every epoch.
+# Started together they take turns asking, so each trains about half of each shape as a group,
+# one shape after the other, and both work from the first claim to the end: a share of the
+# clean run's training time T is then a share of the work. First a clean run: T (first claim
+# to last trial told, from the study's timestamps) and the checkpoints' size and time (the
+# workers' last lines). Then, for 25%, 50% and 75% of T after the first claim, a fresh sweep
+# whose two workers are killed with SIGKILL at that moment, and a rerun of both. The rerun's
+# training time should be the share of T not yet done at the kill, plus at most one epoch.
+# Its wall time is shown in parts: start-up (process start to the first claim: Python, torch
+# and the other imports, the cache, the precheck, opening the study, finding the dead workers),
+# training, and the end (results.csv, plots, exit).
 # (Bit-for-bit equality of a resumed group with the same group uninterrupted is a test,
 # tests/test_sweep_preempt.py: two workers claim a grid's points in a timing-dependent order,
 # so two sweeps' groups need not hold the same configurations.)
@@ -126,22 +132,13 @@ def _study(out: Path):
         return None
 
 
-def _two_workers(cmd: list[str], env: dict, out: Path, kill_after: float | None = None,
-                 stagger: bool = True) -> tuple[float, list[str]]:
-    """Run two workers of ``cmd``; (wall seconds, their outputs). ``stagger``: the second starts
-    once the first has claimed its group, so each trains one whole group (started together,
-    they would take turns asking and split both groups, a timing-dependent grouping). With
+def _two_workers(cmd: list[str], env: dict, out: Path, kill_after: float | None = None) -> tuple[float, list[str]]:
+    """Run two workers of ``cmd``, started together; (wall seconds, their outputs). With
     ``kill_after``: kill -9 both that many seconds after the study's first claim."""
     t0 = time.perf_counter()
     start = lambda: subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,  # noqa: E731
                                      text=True)
-    procs = [start()]
-    while stagger and procs[0].poll() is None:
-        study = _study(out)
-        if study and sum("adl_checkpoint" in t.user_attrs for t in study.get_trials()) >= 16:
-            break
-        time.sleep(0.2)
-    procs.append(start())
+    procs = [start(), start()]
     if kill_after is not None:
         first = None
         while first is None and all(p.poll() is None for p in procs):
@@ -158,19 +155,19 @@ def _two_workers(cmd: list[str], env: dict, out: Path, kill_after: float | None 
     return time.perf_counter() - t0, outputs
 
 
-def _training_span(out: Path, since: datetime.datetime) -> float:
-    """Seconds from the first claim after ``since`` to the last trial told."""
+def _training_span(out: Path, since: datetime.datetime) -> tuple[float, float]:
+    """(seconds from ``since`` to the first claim after it, seconds from that claim to the last
+    trial told)."""
     trials = [t for t in _study(out).get_trials() if t.datetime_start and t.datetime_start >= since]
     if not any(t.datetime_complete for t in trials):
-        return 0.0  # the sweep had finished before the kill
-    return (max(t.datetime_complete for t in trials if t.datetime_complete) -
-            min(t.datetime_start for t in trials)).total_seconds()
+        return 0.0, 0.0  # the sweep had finished before the kill
+    first = min(t.datetime_start for t in trials)
+    return (first - since).total_seconds(), \
+        (max(t.datetime_complete for t in trials if t.datetime_complete) - first).total_seconds()
 
 
 def _story(outputs: list[str]) -> dict:
     """Sum of the workers' last lines: resumed / fresh configurations, resume epochs, checkpoints."""
-    import re
-
     out = {"resumed": 0, "fresh": 0, "from_epochs": [], "ckpt_mb": [], "ckpt_ms": [], "ckpt_share_pct": [],
            "epoch_s": []}
     for text in outputs:
@@ -204,18 +201,25 @@ def preempt(heads: list[str]) -> None:
                     "--baselines", "off"]
 
         clean = tmp / f"{head}-clean"
+        since = datetime.datetime.now()
         wall, outputs = _two_workers(cmd(clean), env, clean)
-        full, ckpt = _training_span(clean, datetime.datetime.min), _story(outputs)
+        clean_startup, full = _training_span(clean, since)
+        ckpt = _story(outputs)
         epoch = sum(ckpt["epoch_s"]) / len(ckpt["epoch_s"])
         for share in (0.25, 0.5, 0.75):
-            out = tmp / f"{head}-{int(100 * share)}"
+            out, load = tmp / f"{head}-{int(100 * share)}", os.getloadavg()[0]
             _two_workers(cmd(out), env, out, kill_after=share * full)
             since = datetime.datetime.now()
-            rerun_wall, outputs = _two_workers(cmd(out), env, out, stagger=False)  # the usual restart: both at once
-            story, span = _story(outputs), _training_span(out, since)
+            rerun_wall, outputs = _two_workers(cmd(out), env, out)  # the usual restart: both at once
+            story, (startup, span) = _story(outputs), _training_span(out, since)
+            said = [line.strip() for text in outputs for line in text.splitlines()
+                    if re.search(r"resuming|no checkpoint|warning|re-queued|waiting for", line)]
             row = {"head": head, "killed_at": share, "training_s": round(full, 1), "rerun_training_s": round(span, 1),
                    "rerun_share": round(span / full, 3), "target_share": round(1 - share + epoch / full, 3),
                    "epoch_s": round(epoch, 2), "sweep_wall_s": round(wall, 1), "rerun_wall_s": round(rerun_wall, 1),
+                   "sweep_startup_s": round(clean_startup, 1), "rerun_startup_s": round(startup, 1),
+                   "rerun_end_s": round(rerun_wall - startup - span, 1), "rerun_said": said,
+                   "load_average_1min": round(load, 1),
                    "resumed": story["resumed"], "from_epochs": story["from_epochs"], "fresh": story["fresh"],
                    "points_once": _points_once(out), "checkpoint_mb": max(ckpt["ckpt_mb"]),
                    "checkpoint_ms": round(sum(ckpt["ckpt_ms"]) / len(ckpt["ckpt_ms"])),
@@ -226,7 +230,8 @@ def preempt(heads: list[str]) -> None:
             print(f"| {head} | {int(100 * share)}% | {row['training_s']} s | {row['rerun_training_s']} s = "
                   f"{100 * row['rerun_share']:.0f}% | {100 * row['target_share']:.0f}% | {row['resumed']} "
                   f"(from epochs {sorted(set(row['from_epochs']))}), {row['fresh']} fresh | "
-                  f"{row['sweep_wall_s']} s / {row['rerun_wall_s']} s | {row['points_once']} | "
+                  f"{row['sweep_wall_s']} s / {row['rerun_wall_s']} s (start-up {row['rerun_startup_s']} s, end "
+                  f"{row['rerun_end_s']} s) | {row['points_once']} | "
                   f"{row['checkpoint_mb']:.2f} MB, {row['checkpoint_ms']} ms = "
                   f"{100 * row['checkpoint_share_of_epoch']:.1f}% of a {row['epoch_s']} s epoch |", flush=True)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -84,12 +85,13 @@ def flatten(tensors: list) -> dict:
     """{"flat": {dtype name: one 1-D tensor}, "index": [(dtype name, offset, shape)]}: a few
     tensors to serialise instead of many."""
     by_dtype: dict[str, list] = {}
+    ends: dict[str, int] = {}
     index = []
     for t in tensors:
         key = str(t.dtype).removeprefix("torch.")
-        parts = by_dtype.setdefault(key, [])
-        index.append((key, sum(p.numel() for p in parts), list(t.shape)))
-        parts.append(t.detach().reshape(-1).cpu())
+        index.append((key, ends.get(key, 0), list(t.shape)))
+        ends[key] = ends.get(key, 0) + t.numel()
+        by_dtype.setdefault(key, []).append(t.detach().reshape(-1).cpu())
     return {"flat": {k: torch.cat(v) for k, v in by_dtype.items()}, "index": index}
 
 
@@ -97,9 +99,7 @@ def unflatten(packed: dict) -> list:
     """The tensors of ``flatten``, each a copy of its own (not a view of the flat buffer)."""
     out = []
     for key, offset, shape in packed["index"]:
-        n = 1
-        for s in shape:
-            n *= s
+        n = math.prod(shape)
         out.append(packed["flat"][key][offset:offset + n].reshape(shape).clone())
     return out
 

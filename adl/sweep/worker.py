@@ -93,8 +93,11 @@ class Worker:
         return make_head(job.cfg, data, self.cache.manifest)
 
     def precheck(self, points: list[dict]) -> None:
-        """Build one head per distinct shape so a bad combination (k not a multiple of heads, a
-        head the cache cannot feed) fails before the study starts, not as failed trials."""
+        """Build one head per distinct shape, and its optimizer, so a bad combination (k not a
+        multiple of heads, a head the cache cannot feed) fails before the study starts, not as
+        failed trials. The first optimizer of a process also loads torch's compiler stack
+        (``torch.optim`` imports ``torch._dynamo``; seconds of imports): paid here, before this
+        worker holds trials that its peers could otherwise train."""
         seen = set()
         for point in points:
             cfg = resolve(self.cfg.config(point), self.cache)
@@ -102,7 +105,8 @@ class Worker:
             if key not in seen:
                 seen.add(key)
                 view = view_for(cfg.head, self.cache, cfg.pool)
-                self.build(Job(None, point, cfg, view, True), self.data(view, cfg.seed))
+                data = self.data(view, cfg.seed)
+                Solo(self.build(Job(None, point, cfg, view, True), data), cfg, data.train.device)
 
     def job(self, trial, point: dict, first: bool) -> Job:
         try:
