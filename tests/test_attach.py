@@ -256,3 +256,55 @@ def test_misuse_is_one_clear_error(assets, runs, tmp_path):  # noqa: F811
     with adl.attach(gpt, [runs["gpt2"]]):
         with pytest.raises(AdlError, match="no attention mask"):
             gpt.generate(input_ids=prompts["input_ids"], max_new_tokens=2, do_sample=False)
+
+
+def test_raw_text_ner_on_byte_level_bpe_reads_the_words_predict_reads(assets, tmp_path):  # noqa: F811
+    """A RoBERTa NER head on raw texts (its test split's words joined by spaces) through a pipeline.
+    With the tokenizer loaded as extraction loads a token task's (a prefix space per word), the
+    user's tokens are extraction's: the heads give the cache path's logits and adl predict's
+    entities. With the default tokenizer the first word's tokens differ: every row says so (one
+    warning), and entities are still spans of the text's whitespace-separated words, as adl
+    predict's are (punctuation glued to a word stays in it)."""
+    from test_predict import TOL as CACHE_TOL
+    from test_predict import cache_logits
+    from transformers import AutoModel, AutoTokenizer, pipeline
+
+    from adl.extract.datasets import reload_dataset
+    from adl.serve.attach import OTHER_WORD_TOKENS
+    from adl.serve.decode import entities, first_subtokens
+    from adl.serve.words import offset_word_ids, split_words
+
+    cache, run = make_run(assets, tmp_path, "roberta", "conll", label="ner")
+    ref, labels = cache_logits(cache, run), load_run(run).label_names
+    split = reload_dataset(load_run(run).manifest["dataset"]["spec"]).splits["test"]
+    texts = [" ".join(words) for words in split.words]
+    model = AutoModel.from_pretrained(assets["roberta"]).eval()
+    words_tok = AutoTokenizer.from_pretrained(assets["roberta"], add_prefix_space=True)
+    pipe = pipeline("feature-extraction", model=model, tokenizer=words_tok)
+    with adl.attach(pipe, [run]) as heads:
+        pipe(texts)
+        pred = heads.results()
+    assert pred.tokenisation == [[]] * len(texts)
+    enc = Predictor([run], device="cpu").encode(texts)  # how adl predict and adl serve read these texts
+    for k, (i, z) in enumerate(zip(split.ids.tolist(), pred.logits[run.name])):
+        np.testing.assert_allclose(z, ref[i], **CACHE_TOL)
+        assert pred.heads[run.name][k]["entities"] == entities(ref[i], enc.word_ids[k], enc.spans[k], texts[k], labels)
+
+    plain = pipeline("feature-extraction", model=model, tokenizer=AutoTokenizer.from_pretrained(assets["roberta"]))
+    with adl.attach(plain, [run]) as heads:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            plain(texts)
+            pred = heads.results()
+    assert sum(OTHER_WORD_TOKENS in str(w.message) for w in caught) == 1
+    assert all(row == [OTHER_WORD_TOKENS] for row in pred.tokenisation)
+    for text, row in zip(texts, pred.heads[run.name]):
+        spans = split_words(text)[1].values()
+        for e in row["entities"]:
+            assert e["start"] in {a for a, _ in spans} and e["end"] in {b for _, b in spans}
+            assert e["text"] == text[e["start"]:e["end"]]
+    text = "john met mary, in paris."
+    got = plain.tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+    word_ids = offset_word_ids(got["offset_mapping"], got["special_tokens_mask"], split_words(text)[1])
+    assert len(first_subtokens(word_ids)) == 5  # "mary," and "paris." are one word each, as adl predict reads them
+    assert [int(w) for w, t in zip(word_ids, got["input_ids"]) if plain.tokenizer.decode([t]) == ","] == [2]

@@ -38,14 +38,17 @@ import torch
 from torch import Tensor
 
 from adl.errors import AdlError
-from adl.serve.attach_checks import Expect, expectations, notes_for, padded_without_mask, unwrap
-from adl.serve.decode import entities, sequence_prediction, token_spans
+from adl.serve.attach_checks import Expect, expectations, notes_for, padded_without_mask, run_tokenizer, unwrap
+from adl.serve.decode import entities, sequence_prediction
 from adl.serve.predictor import Prediction
 from adl.train.rundir import check_same_backbone, load_run
 from adl.serve.taps import HeadFeed, feed_layer, finish_heads
+from adl.serve.words import offset_word_ids, split_words, text_words
 
 _ATTACHED: weakref.WeakSet = weakref.WeakSet()  # stacks with heads attached (attaching twice is refused)
 _LOCK = threading.Lock()
+OTHER_WORD_TOKENS = ("token heads read words tokenised otherwise than at extraction (each whitespace-separated word "
+                     "on its own; byte-level BPE with a prefix space)")
 
 
 @dataclass
@@ -197,10 +200,16 @@ class Attached:
         if mask.dim() != 2:
             raise AdlError(f"adl.attach needs the 2-D (batch, tokens) attention mask, got shape {tuple(mask.shape)}")
         notes = notes_for(ids, mask, given.get("position_ids"), self.expect)
-        for note in {n for row in notes for n in row} - self._warned:
-            self._warned.add(note)
-            warnings.warn(f"adl.attach: {note}; the heads' results record it per row (.tokenisation)", stacklevel=2)
+        self._warn(n for row in notes for n in row)
         s.batch = _Batch(ids, mask, s.feeds, notes)
+
+    def _warn(self, notes) -> None:
+        """Warn once per kind of tokenisation difference (rows record each in ``.tokenisation``)."""
+        for note in dict.fromkeys(notes):
+            if note not in self._warned:
+                self._warned.add(note)
+                warnings.warn(f"adl.attach: {note}; the heads' results record it per row (.tokenisation)",
+                              stacklevel=3)
 
     def _layer_hook(self, layer: int):
         def hook(module, args, kwargs):
@@ -255,36 +264,61 @@ class Attached:
         """Every row this thread's calls fed since the last ``results()``, in input order; clears them."""
         s = self._state()
         rows, s.rows = s.rows, []
-        pred = AttachedPrediction({}, tokenisation=[r.notes for r in rows], texts=[r.text for r in rows])
-        for run in self.runs:
+        pred = AttachedPrediction({})
+        for run in self.runs:  # decoding first: it may add a note to a row
             pred.logits[run.name] = [r.logits[run.name] for r in rows]
             pred.heads[run.name] = [self._decode(run, r) for r in rows]
+        pred.tokenisation, pred.texts = [r.notes for r in rows], [r.text for r in rows]
         return pred
 
     def _decode(self, run, row: _Row) -> dict:
         z = row.logits[run.name]
         if run.task == "sequence":
             return sequence_prediction(z, run.label_names)
-        spans = self._text_spans(row)
-        if spans is not None:
-            word_ids, where = spans
-            return {"entities": entities(z, word_ids, where, row.text, run.label_names)}
+        words = self._words(row)
+        if words is not None:
+            word_ids, spans = words
+            return {"entities": entities(z, word_ids, spans, row.text, run.label_names)}
         tags: list = [None] * row.width
         for t, label in zip(row.positions, z.argmax(-1)):
             tags[int(t)] = run.label_names[int(label)]
         return {"tags": tags}
 
-    def _text_spans(self, row: _Row):
-        """(word ids, word -> character span) when the row's text is known and re-tokenises to
-        exactly its ids; else None (the row then gets per-token tags)."""
-        tok = self.target.tokenizer
-        if row.text is None or tok is None or not getattr(tok, "is_fast", False):
+    def _words(self, row: _Row):
+        """(word ids (n,), word -> character span) over the row's tokens, the words being the text's
+        whitespace-separated ones, as ``Predictor`` reads a raw text (``adl.serve.words``); None when
+        the text is unknown or the wrapper's tokenizer does not give the row's ids (per-token tags then).
+
+        Tokens that are extraction's for those words (``text_words``) take their word ids from it.
+        Other tokens (a BPE tokenizer without the prefix space extraction gave each word) go to
+        the word their characters fall in, and the row records that its tokens differ."""
+        if row.text is None:
             return None
-        enc = tok(row.text, truncation=True, max_length=len(row.ids), return_offsets_mapping=True)
+        ref = self._word_tokenizer()
+        if ref is not None:
+            ts, _, spans = text_words([row.text], ref, self.expect.max_length)
+            if np.array_equal(ts.input_ids, row.ids):
+                return ts.word_ids, spans[0]
+        tok = self.target.tokenizer
+        if tok is None or not getattr(tok, "is_fast", False):
+            return None
+        enc = tok(row.text, truncation=True, max_length=len(row.ids), return_offsets_mapping=True,
+                  return_special_tokens_mask=True)
         if list(enc["input_ids"]) != row.ids.tolist():
             return None
-        word_ids = np.array([-1 if w is None else w for w in enc.word_ids()])
-        return word_ids, token_spans(word_ids, enc["offset_mapping"])
+        if ref is not None and OTHER_WORD_TOKENS not in row.notes:
+            row.notes.append(OTHER_WORD_TOKENS)
+            self._warn(row.notes)
+        spans = split_words(row.text)[1]
+        return offset_word_ids(enc["offset_mapping"], enc["special_tokens_mask"], spans), spans
+
+    def _word_tokenizer(self):
+        """The token task's tokenizer as extraction loaded it, one per thread (None: not at hand)."""
+        s = self._state()
+        if not hasattr(s, "word_tokenizer"):
+            token_runs = [r for r in self.runs if r.task == "token"]
+            s.word_tokenizer = run_tokenizer(token_runs[0]) if token_runs else None
+        return s.word_tokenizer
 
 
 def attach(model, runs, device: str | None = None) -> Attached:

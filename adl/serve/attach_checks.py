@@ -159,11 +159,9 @@ def unwrap(model, run) -> Target:
     if m["config_hash"] not in models.config_hashes(hf.config):
         raise AdlError(f"this model is not the backbone of run {run.name}: its config hash differs: attach the "
                        f"model the run names ({m['id']})")
-    if tok is not None:
-        ref = _run_tokenizer(run)
-        if ref is not None and models.tokenizer_hash(tok, CALL_SETTINGS) != models.tokenizer_hash(ref, CALL_SETTINGS):
-            raise AdlError(f"this {kind} tokenises with another tokenizer than run {run.name} (its tokenizer "
-                           f"fingerprint differs): load it from the run's model ({m['id']})")
+    if tok is not None and not _same_tokenizer(tok, run):
+        raise AdlError(f"this {kind} tokenises with another tokenizer than run {run.name} (its tokenizer "
+                       f"fingerprint differs): load it from the run's model ({m['id']})")
     pad = _pad_id(hf, tok)
     return Target(kind, model, hf, tok, stack, layers, pad, cap)
 
@@ -192,10 +190,26 @@ def _pad_id(hf, tok) -> int | None:
     return None
 
 
-def _run_tokenizer(run):
-    """The tokenizer the run's extraction used, when its model is at hand (else None)."""
+def _same_tokenizer(tok, run) -> bool:
+    """``tok``'s fingerprint (without CALL_SETTINGS) is the run's tokenizer's, as its model loads it
+    for either task: byte-level BPE loaded for a token task has the prefix space extraction gives
+    each pre-split word, and that setting also sits in tokenizer.json's pre-tokenizer and
+    post-processor. True when the run's model is not at hand (nothing to compare)."""
+    mine, compared = models.tokenizer_hash(tok, CALL_SETTINGS), False
+    for task in dict.fromkeys((run.task, "sequence", "token")):
+        ref = run_tokenizer(run, task)
+        if ref is not None:
+            compared = True
+            if models.tokenizer_hash(ref, CALL_SETTINGS) == mine:
+                return True
+    return not compared
+
+
+def run_tokenizer(run, task: str | None = None):
+    """The tokenizer the run's extraction used (or would use for ``task``), when its model is at
+    hand (else None)."""
     try:
-        return recorded_backbone(run.manifest, f"run {run.root}").tokenizer(run.task)
+        return recorded_backbone(run.manifest, f"run {run.root}").tokenizer(task or run.task)
     except (AdlError, OSError, ValueError):
         return None
 
@@ -210,7 +224,7 @@ def _ends(tok) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 def expectations(target: Target, run) -> Expect:
-    tok = target.tokenizer or _run_tokenizer(run)
+    tok = target.tokenizer or run_tokenizer(run)
     prefix, suffix = _ends(tok) if tok is not None else (None, None)
     return Expect(int(run.manifest["tokenizer"]["max_length"]), target.cap, prefix, suffix)
 

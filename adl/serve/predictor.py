@@ -14,7 +14,6 @@ budget (the defaults), a run's own split is batched exactly as it was extracted.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 import warnings
@@ -27,14 +26,14 @@ import torch
 from adl.devices import check_device
 from adl.errors import AdlError
 from adl.extract import models
-from adl.extract.datasets import Split
 from adl.extract.loop import to_device
 from adl.extract.recorded import check_tokenizer, recorded_backbone
-from adl.extract.tokenize import TokenizedSplit, collate, make_batches, tokenize_split, truncated_rows
+from adl.extract.tokenize import TokenizedSplit, collate, make_batches
 from adl.serve.decode import entities, joined_spans, sequence_prediction
 from adl.serve.embedding import embed, embedding_spec
 from adl.train.rundir import Run, check_same_backbone, load_run
 from adl.serve.taps import HeadFeed, LayerTaps, finish_heads
+from adl.serve.words import text_words, tokenize_inputs
 
 
 @dataclass
@@ -83,13 +82,6 @@ def compute_differs(recorded: dict | None, now: dict) -> str | None:
 
     return (f"the backbone runs on {name(now)}, but the heads' cache was extracted on {name(recorded)}: "
             "predictions may differ slightly from the cache path's (extract on the same kind of device to match)")
-
-
-def split_words(text: str) -> tuple[list[str], dict[int, tuple[int, int]]]:
-    """A raw text as the words a token data set holds: split at whitespace, each word's (start,
-    end) in the text. The words of a data set row joined by spaces split back into those words."""
-    found = list(re.finditer(r"\S+", text))
-    return [m.group() for m in found], {i: m.span() for i, m in enumerate(found)}
 
 
 class Predictor:
@@ -181,12 +173,7 @@ class Predictor:
 
     def _tokenize(self, task: str, inputs: list, labels) -> tuple[TokenizedSplit, list[int]]:
         """-> the inputs tokenised as at extraction, and the positions cut at max_length."""
-        tok, n = self.tokenizer(task), len(inputs)
-        split = Split("input", None if task == "token" else inputs, [list(w) for w in inputs] if task == "token"
-                      else None, labels, np.arange(n, dtype=np.int64))
-        ts = tokenize_split(split, task, tok, self.max_length, labeled=labels is not None)
-        kw = {"is_split_into_words": True} if task == "token" else {}
-        return ts, truncated_rows(tok, inputs, ts.lengths, self.max_length, kw) if ts.truncated else []
+        return tokenize_inputs(task, inputs, self.tokenizer(task), self.max_length, labels)
 
     def _encode(self, inputs: list, words: bool, labels) -> Encoded:
         n, tasks = len(inputs), {r.task for r in self.runs}
@@ -200,9 +187,7 @@ class Predictor:
             if "sequence" in tasks:
                 ts, cut = self._tokenize("sequence", inputs, labels)
             if "token" in tasks:
-                split = [split_words(t) for t in inputs]
-                spans = [s for _, s in split]
-                token_ts, token_cut = self._tokenize("token", [w for w, _ in split], None)
+                token_ts, token_cut, spans = text_words(inputs, self.tokenizer("token"), self.max_length)
                 cut = sorted({*cut, *token_cut})
         words_of = token_ts or ts  # the tokens the word ids index
         word_ids = [words_of.word_ids[words_of.offsets[i]:words_of.offsets[i + 1]] for i in range(n)] \
