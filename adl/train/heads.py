@@ -300,7 +300,12 @@ class AdaLayersHead(_MixHead):
             x = x + self.pos[:T]
         x = self.dropout(x.masked_fill(~mask[..., None], 0.0))
         if self.task == "sequence":
-            a, _ = self.attn(x, x, x, key_padding_mask=~mask, need_weights=False)
+            # At inference, key and value as another tensor object than the query: MultiheadAttention's
+            # fast path (taken when query is key is value) computes the same values through a masked
+            # softmax that is several times slower on CPU than the general path's fused attention
+            # (bench/attach.py's encoder-decoder case; the heads then cost a visible part of the pass).
+            kv = x if self.training else x.view_as(x)
+            a, _ = self.attn(x, kv, kv, key_padding_mask=~mask, need_weights=False)
             return self.out(masked_mean(a, mask))
         return self.out(self.encoder(x, src_key_padding_mask=~mask))
 
