@@ -1,6 +1,6 @@
 """The user's own call with heads attached (adl.attach) against the same call bare, same inputs.
 
-    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python bench/attach.py [--repeats 2] [--n 2000]
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python bench/attach.py [--repeats 4] [--n 2000]
 
 (1) sentence-transformers encode of --n real tweets, batch 32, the real all-MiniLM-L6-v2: two
     pooled heads (adalayers-pooled on pooled:mean), then the same plus one tokens head (adalayers).
@@ -12,9 +12,13 @@
 
 Heads are trained for one epoch on small caches extracted from each backbone (their quality is
 beside the point: their cost is what is measured). Each variant runs once per repeat, the
-variants interleaved within a repeat; the best time per variant is kept; the ratios come from
-this one run. Attaching and detaching happen outside the timed call; ``results()`` is inside.
-Results: bench/results/attach.json.
+variants interleaved within a repeat, their order reversed every other repeat (a drift in the
+machine's load then falls on both sides). Each call is timed on the wall clock and in CPU
+seconds of this process (one thread: what the call computes, whatever else shares the core).
+Per variant the best of each is kept, and ``ratios`` gives best against best; ``spread`` gives
+each repeat's own ratio (wall and CPU), min / median / max over the repeats. Everything comes
+from this one run. Attaching and detaching happen outside the timed call; ``results()`` is
+inside. Results: bench/results/attach.json.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import adl
@@ -77,10 +82,11 @@ def heads(work: Path, model: str, tag: str, spec: dict[str, tuple[str, str]], li
     return out
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """-> (wall seconds, CPU seconds of this process) of one call of ``fn``."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def attached(model, runs, call, holder: object = None):
@@ -94,14 +100,30 @@ def attached(model, runs, call, holder: object = None):
     return variant
 
 
-def interleaved(variants: dict, repeats: int) -> dict[str, float]:
-    best = {name: float("inf") for name in variants}
+def interleaved(variants: dict, repeats: int) -> dict:
+    """Every variant once per repeat, the order reversed every other repeat; the first variant is
+    the reference. -> {"seconds", "cpu_seconds" (best per variant), "ratios" (best against the
+    reference's best), "spread" (per-repeat ratios, min / median / max), "calls" (every timing)}."""
+    names = list(variants)
+    calls: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for r in range(repeats):
-        for name, variant in variants.items():
-            seconds = variant()
-            best[name] = min(best[name], seconds)
-            print(f"  repeat {r + 1} {name}: {seconds:.2f} s", flush=True)
-    return best
+        for name in names if r % 2 == 0 else names[::-1]:
+            wall, cpu = variants[name]()
+            calls[name].append((wall, cpu))
+            print(f"  repeat {r + 1} {name}: {wall:.2f} s wall, {cpu:.2f} s CPU", flush=True)
+    ref, out = names[0], {"seconds": {}, "cpu_seconds": {}, "ratios": {}, "spread": {}}
+    for name in names:
+        out["seconds"][name] = min(w for w, _ in calls[name])
+        out["cpu_seconds"][name] = min(c for _, c in calls[name])
+    for name in names[1:]:
+        out["ratios"][name] = {"wall": out["seconds"][name] / out["seconds"][ref],
+                               "cpu": out["cpu_seconds"][name] / out["cpu_seconds"][ref]}
+        out["spread"][name] = {
+            kind: dict(zip(("min", "median", "max"), np.percentile(
+                [a[k] / b[k] for a, b in zip(calls[name], calls[ref])], [0, 50, 100]).tolist()))
+            for k, kind in ((0, "wall"), (1, "cpu"))}
+    out["calls"] = {name: [[round(w, 3), round(c, 3)] for w, c in calls[name]] for name in names}
+    return out
 
 
 def encode_case(work: Path, n: int, repeats: int) -> dict:
@@ -118,11 +140,9 @@ def encode_case(work: Path, n: int, repeats: int) -> dict:
         st.encode(texts, batch_size=32)
 
     call()  # warm-up
-    best = interleaved({"bare": lambda: timed(call), "pooled heads": attached(None, runs[:2], call, st),
-                        "pooled + tokens heads": attached(None, runs, call, st)}, repeats)
-    return {"texts": n, "batch_size": 32, "seconds": best,
-            "ratio pooled heads": best["pooled heads"] / best["bare"],
-            "ratio pooled + tokens heads": best["pooled + tokens heads"] / best["bare"]}
+    timings = interleaved({"bare": lambda: timed(call), "pooled heads": attached(None, runs[:2], call, st),
+                           "pooled + tokens heads": attached(None, runs, call, st)}, repeats)
+    return {"texts": n, "batch_size": 32, **timings}
 
 
 def prompts(tok, n: int, length: int) -> tuple[dict, list[str]]:
@@ -167,20 +187,16 @@ def generate_case(work: Path, kind: str, repeats: int) -> dict:
         predictor = Predictor(runs, device="cpu")
         variants["generate, then a Predictor pass"] = lambda: timed(lambda: (call(), predictor(texts)))
     call()  # warm-up
-    best = interleaved(variants, repeats)
-    out = {"shape": "BART-large (12+12 x 1024)" if kind == "bart" else "GPT-2-medium (24 x 1024)",
-           "prompts": n, "prompt_tokens": length, "new_tokens": new, "heads": len(runs), "seconds": best,
-           "ratio heads attached": best["heads attached"] / best["bare"]}
-    if predictor is not None:
-        out["ratio generate, then a Predictor pass"] = best["generate, then a Predictor pass"] / best["bare"]
-    return out
+    return {"shape": "BART-large (12+12 x 1024)" if kind == "bart" else "GPT-2-medium (24 x 1024)",
+            "prompts": n, "prompt_tokens": length, "new_tokens": new, "heads": len(runs),
+            **interleaved(variants, repeats)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/adl-bench-attach")
     ap.add_argument("--n", type=int, default=2000, help="tweets encoded in case (1)")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--cases", default="encode,bart,gpt2")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
