@@ -310,11 +310,15 @@ class Batcher:
         left = [len(span) for span in spans]
 
         def on_rows(rows, out) -> None:  # on the model thread, after each backbone batch
+            done = []
             for r in rows:
                 j = owner[r]
                 left[j] -= 1
                 if left[j] == 0:  # the job's last text is done: answer it now, not after the whole call
-                    loop.call_soon_threadsafe(self._answer, batch[j], out, spans[j], names)
+                    done.append(j)
+            if done:  # one wake-up of the event loop per backbone batch, not one per request
+                loop.call_soon_threadsafe(self._answer_jobs, [batch[j] for j in done], out, [spans[j] for j in done],
+                                          names)
 
         call = functools.partial(self.predictor, texts, heads=heads, return_embedding=embedding, on_rows=on_rows)
         start = time.perf_counter()
@@ -331,7 +335,11 @@ class Batcher:
                 _settle(unanswered[0], exception=e)
             return
         self.observer.batch(len(texts), len(batch), time.perf_counter() - start, False, out)
-        for job, span in zip(batch, spans):  # a job on_rows has not answered (a predictor that reports no batches)
+        # the jobs on_rows has not answered (a predictor that reports no batches); answered ones are skipped
+        self._answer_jobs(batch, out, spans, names)
+
+    def _answer_jobs(self, jobs: list[Job], out, rows: list[range], names: list[str]) -> None:
+        for job, span in zip(jobs, rows):
             self._answer(job, out, span, names)
 
     def _answer(self, job: Job, out, rows: range, names: list[str]) -> None:

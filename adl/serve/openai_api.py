@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, StrictStr
 
@@ -49,14 +49,15 @@ def model_names(manifest: dict) -> list[str]:
     return list(dict.fromkeys(str(v) for v in (m.get("name"), m["id"], Path(str(m["id"])).name) if v))
 
 
-def add_embeddings_route(app: FastAPI, predictor, submit, check_texts, authorised) -> None:
+def add_embeddings_route(app: FastAPI, predictor, submit, check_texts, guarded: list) -> None:
     """Add the route. ``submit(texts, heads, return_embedding)`` is the batcher's awaitable call;
-    ``check_texts(texts)`` applies the server's limits (count, characters, empty)."""
+    ``check_texts(texts)`` applies the server's limits (count, characters, empty); ``guarded`` the
+    route's dependencies (the bearer check, when the server has a token)."""
     names = model_names(predictor.manifest)
     counter = copy.deepcopy(predictor.tokenizer("sequence"))  # the event loop's own: never shared with the model thread
     size = int(predictor.manifest.get("hidden_size") or 0)
 
-    @app.post("/v1/embeddings", response_model=EmbeddingsResponse, dependencies=[Depends(authorised)],
+    @app.post("/v1/embeddings", response_model=EmbeddingsResponse, dependencies=guarded,
               responses={401: {"description": "wrong token"}, 404: {"description": "unknown model"},
                          422: {"description": "bad input"}, 500: {"description": "the batch failed"}})
     async def embeddings_endpoint(req: EmbeddingsRequest):

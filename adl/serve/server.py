@@ -75,6 +75,9 @@ TOKEN_ENV = "ADL_SERVE_TOKEN"
 CPU_BATCH_TOKENS = 512
 PAGE = Path(__file__).parent / "static" / "index.html"
 RETRY_AFTER = "1"  # seconds a refused client should wait: a batch or two
+# adl's own Prometheus series are the server's metrics; FastAPI's OpenTelemetry hooks would check
+# for providers on every request
+NO_TELEMETRY = {"tracing": False, "metrics": False, "logs": False}
 
 
 def _opt(help_: str, default=None):
@@ -177,7 +180,7 @@ def create_app(predictor, cfg: ServeConfig, token: str | None = None, pool: Exec
         yield  # uvicorn has finished (or, past --graceful-timeout-s, cancelled) every request when it resumes
         await batcher.stop()
 
-    app = FastAPI(title="adl serve", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="adl serve", version=__version__, lifespan=lifespan, telemetry=NO_TELEMETRY,
                   description="Side-task heads on a frozen transformer. Every error is "
                               '`{"error": "what is wrong and how to fix it"}`.')
     app.state.batcher = batcher
@@ -185,8 +188,6 @@ def create_app(predictor, cfg: ServeConfig, token: str | None = None, pool: Exec
 
     async def authorised(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         # async: FastAPI runs a plain def dependency in a worker thread, a hop per request
-        if token is None:
-            return
         if creds is None or not hmac.compare_digest(creds.credentials.encode(), token.encode()):
             raise HTTPException(401, "missing or wrong bearer token: send the header 'Authorization: Bearer "
                                      f"<token>' with the token set in ${TOKEN_ENV} on the server",
@@ -207,7 +208,9 @@ def create_app(predictor, cfg: ServeConfig, token: str | None = None, pool: Exec
         return error(404, f"no such endpoint {request.url.path}: see /docs")
 
     app.add_middleware(Counted, metrics=metrics)
-    guarded = [Depends(authorised)]
+    # the bearer check is a dependency only when there is a token to check: FastAPI resolves each
+    # dependency on every request, and /docs shows the lock only on a server that needs the token
+    guarded = [Depends(authorised)] if token is not None else []
 
     @app.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True, dependencies=guarded,
               responses={401: {"description": "wrong token"}, 413: {"description": "body or a text too long"},
@@ -219,8 +222,11 @@ def create_app(predictor, cfg: ServeConfig, token: str | None = None, pool: Exec
         heads = None if req.heads is None else list(dict.fromkeys(req.heads))
         answer = await submit(req.texts, heads, req.return_embedding, raw_scores=req.raw_scores,
                               truncate=req.truncate, gone=_client_gone(request))
-        return PredictResponse(results=answer.results, embeddings=answer.embeddings,
-                               truncated=answer.truncated or None)
+        # built from the batcher's own answer, so FastAPI's check of the response against its model
+        # (a validation pass over every result, on the event loop) is skipped; the model documents it
+        body = PredictResponse.model_construct(results=answer.results, embeddings=answer.embeddings,
+                                               truncated=answer.truncated or None)
+        return Response(body.model_dump_json(exclude_none=True), media_type="application/json")
 
     async def submit(texts: list[str], heads: list[str] | None, embedding: bool, **options):
         """One request's share of a batched backbone call; a failed batch fails this request only.
@@ -234,7 +240,7 @@ def create_app(predictor, cfg: ServeConfig, token: str | None = None, pool: Exec
     if hasattr(predictor, "manifest"):  # a real Predictor: it knows its backbone and tokenizer
         def check_texts(texts: list[str]) -> None:
             _check_limits(PredictRequest(texts=texts), cfg, served.names)
-        add_embeddings_route(app, predictor, submit, check_texts, authorised)
+        add_embeddings_route(app, predictor, submit, check_texts, guarded)
 
     @app.get("/v1/heads", dependencies=guarded)
     async def heads_endpoint() -> dict:
