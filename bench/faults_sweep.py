@@ -1,10 +1,10 @@
 """Fault injection for sweeps (not a test): kill -9 workers of a 2-worker sweep at random moments.
 
     .venv/bin/python bench/faults_sweep.py [--kills 12] [--storage journal|sqlite] [--seed 0]
-    .venv/bin/python bench/faults_sweep.py --preempt [--heads adalayers-pooled,adalayers]
+    .venv/bin/python bench/faults_sweep.py --preempt [--heads adalayers-pooled,adalayers] [--startup]
 
---preempt measures what a kill costs (see ``preempt``); the rest of this docstring is the
-random-kill mode.
+--preempt measures what a kill costs (see ``preempt``), and first one worker's start-up stage
+by stage (``stage_times``; --startup: only that); the rest of this docstring is the random-kill mode.
 
 Two `adl sweep` processes share one study (a 16-point grid over a small synthetic cache,
 grouped two at a time). At random moments one of them, chosen at random, is killed with
@@ -52,9 +52,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preempt", action="store_true", help="measure the rerun after kills at 25/50/75%%")
     ap.add_argument("--heads", default="adalayers-pooled,adalayers")
+    ap.add_argument("--startup", action="store_true", help="with --preempt: only the start-up stages")
     args = ap.parse_args()
     if args.preempt:
-        preempt(args.heads.split(","))
+        preempt(args.heads.split(","), only_startup=args.startup)
         return
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="adl-faults-sweep-"))
@@ -188,7 +189,7 @@ def _points_once(out: Path) -> bool:
     return sorted(complete) == list(range(32))
 
 
-def preempt(heads: list[str]) -> None:
+def preempt(heads: list[str], only_startup: bool = False) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="adl-preempt-"))
     cache = write_synthetic_cache(tmp / "cache", **PREEMPT_CACHE)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "250",
@@ -200,6 +201,11 @@ def preempt(heads: list[str]) -> None:
                     *PREEMPT_GRID, *PREEMPT_RUN[head], "--group-size", "16", "--checkpoint-every-s", "0",
                     "--baselines", "off"]
 
+        stages = stage_times(head, cache, tmp)
+        print(f"{head}: one worker's start-up, stage by stage (s): {stages}", flush=True)
+        _save_startup(head, stages, os.getloadavg()[0])
+        if only_startup:
+            continue
         clean = tmp / f"{head}-clean"
         since = datetime.datetime.now()
         wall, outputs = _two_workers(cmd(clean), env, clean)
@@ -236,15 +242,56 @@ def preempt(heads: list[str]) -> None:
                   f"{100 * row['checkpoint_share_of_epoch']:.1f}% of a {row['epoch_s']} s epoch |", flush=True)
 
 
+STAGES = r"""
+import json, sys, time
+t0 = time.perf_counter(); marks = {}
+def mark(what):
+    marks[what] = round(time.perf_counter() - t0 - sum(marks.values()), 2)
+import torch; mark("import torch")
+import optuna; mark("import optuna")
+from adl.sweep import worker as W; from adl.sweep.config import SweepConfig, SweepSpace, parse_space
+from adl.train.config import TrainConfig; from rich.console import Console; mark("import adl")
+cache_dir, out, head, grid, run = json.loads(sys.argv[1])
+cfg = SweepConfig(base=TrainConfig(cache=cache_dir, head=head, **run), space=parse_space(grid), out=out, group_size=16,
+                  checkpoint_every_s=0, baselines="off")
+cache = W.open_cache(cache_dir); mark("open the cache")
+space = SweepSpace(cfg); worker = W.Worker(cfg, cache, space, Console(quiet=True))
+worker.precheck(space.points); mark("precheck: load the view, build a head and its optimizer per shape")
+study = W.open_sweep_study(cfg, cache, space, cfg.out_dir()); worker.study = study; mark("open the study (new)")
+study.recover(); claim = study.claim(16); mark(f"claim {len(claim.trials)} trials")
+study.close(); print(json.dumps(marks))
+"""
+
+
+def stage_times(head: str, cache: Path, tmp: Path) -> dict:
+    """One worker's fixed costs before it trains, stage by stage (a fresh process, a new study)."""
+    grid = {"alpha": "1,2,4,8", "cutoff": "0,0.1", "lam": "0,0.001", "k": "8"}
+    run = dict(zip(PREEMPT_RUN[head][::2], PREEMPT_RUN[head][1::2]))
+    run = {k.lstrip("-").replace("-", "_"): int(v) for k, v in run.items()}
+    arg = json.dumps([str(cache), str(tmp / f"{head}-startup"), head, grid, run])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", STAGES, arg], env=env, capture_output=True, text=True, check=True)
+    return {"process_s": round(time.perf_counter() - t0, 2), **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
 def _save_rows(rows: list[dict]) -> None:
     """Merge ``rows`` into bench/results/faults_sweep.json (by head and kill moment)."""
     path = HERE / "results" / "faults_sweep.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     old = results.get("preempt", {}).get("rows", [])
     keys = {(r["head"], r["killed_at"]) for r in rows}
-    results["preempt"] = {"cache": {"synthetic": PREEMPT_CACHE}, "grid": PREEMPT_GRID, "runs": PREEMPT_RUN,
+    results["preempt"] = {**results.get("preempt", {}), "cache": {"synthetic": PREEMPT_CACHE}, "grid": PREEMPT_GRID,
+                          "runs": PREEMPT_RUN,
                           "env": {"OMP_NUM_THREADS": 1, "cores": os.cpu_count()},
                           "rows": [r for r in old if (r["head"], r["killed_at"]) not in keys] + rows}
+    path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+
+def _save_startup(head: str, stages: dict, load: float) -> None:
+    path = HERE / "results" / "faults_sweep.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results.setdefault("preempt", {}).setdefault("startup", {})[head] = {**stages, "load_average_1min": round(load, 1)}
     path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 
