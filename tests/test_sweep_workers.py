@@ -83,14 +83,18 @@ def test_a_worker_killed_mid_sweep_loses_no_point(tmp_path):
                for t in trials):
             break
         time.sleep(0.2)
+    # the trials it held just before the kill: read after it, they may already be failed and
+    # re-queued (the survivor, on this machine, sees the victim's OS lock free at once)
+    mine = lambda t: t.user_attrs.get("adl_worker", "").endswith(f":{victim.pid}")  # noqa: E731
+    held = [t.number for t in trials if t.state.name == "RUNNING" and mine(t)]
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    held = [t.number for t in optuna.load_study(study_name="kill", storage=storage).get_trials()
-            if t.state.name == "RUNNING" and t.user_attrs.get("adl_worker", "").endswith(f":{victim.pid}")]
     assert held, "the victim was killed before it claimed a trial"
     output = survivor.communicate(timeout=300)[0]  # it finishes the sweep alone, the victim's points included
     assert survivor.returncode == 0, output
     trials = optuna.load_study(study_name="kill", storage=storage).get_trials()
     complete = sorted(t.user_attrs["adl_point"] for t in trials if t.state.name == "COMPLETE")
     assert complete == list(range(16))  # every point once
-    assert all(trials[n].state.name == "FAIL" for n in held)  # the victim's trials were failed, not rerun in place
+    # the victim's trials were failed (or told by the victim in the instant before the kill), not rerun in place
+    assert all(mine(trials[n]) and trials[n].state.name in ("FAIL", "COMPLETE") for n in held)
+    assert any(trials[n].state.name == "FAIL" for n in held)
