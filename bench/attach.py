@@ -9,6 +9,11 @@
     64 new tokens (greedy), 3 encoder heads; and the alternative: generate, then a Predictor pass.
 (3) decoder-only generate at GPT-2-medium's shape (24 layers x 1024, random weights): 8 prompts
     of 128 tokens, 32 new tokens (greedy), 2 heads on the prompt.
+(4) "bart-heads": where (2)'s extra time goes. The 3 heads alone (adl.serve.taps, the functions
+    attach calls from its hooks) on the encoder states of (2)'s prompts, against that encoder
+    pass bare. Attached, (2) runs the bare call's operations plus these and the hooks' own
+    bookkeeping (they fire once per generate, on the encoder; decoding steps run no hook), so the
+    heads' CPU seconds over (2)'s bare CPU seconds is about what attaching costs there.
 
 Heads are trained for one epoch on small caches extracted from each backbone (their quality is
 beside the point: their cost is what is measured). Each variant runs once per repeat, the
@@ -161,14 +166,16 @@ def prompts(tok, n: int, length: int) -> tuple[dict, list[str]]:
     return batch, cut
 
 
+BART_HEADS = {"pooled-a": ("pooled", "adalayers-pooled"), "pooled-b": ("pooled", "adalayers-pooled"),
+              "tokens": ("tokens", "adalayers")}
+
+
 def generate_case(work: Path, kind: str, repeats: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     folder = shaped_backbone(work / f"{kind}-shape", kind)
     if kind == "bart":
-        spec = {"pooled-a": ("pooled", "adalayers-pooled"), "pooled-b": ("pooled", "adalayers-pooled"),
-                "tokens": ("tokens", "adalayers")}
-        n, length, new, cls = 8, 256, 64, AutoModelForSeq2SeqLM
+        spec, n, length, new, cls = BART_HEADS, 8, 256, 64, AutoModelForSeq2SeqLM
     else:
         spec = {"pooled-a": ("pooled", "adalayers-pooled"), "pooled-b": ("pooled", "adalayers-pooled")}
         n, length, new, cls = 8, 128, 32, AutoModelForCausalLM
@@ -192,27 +199,64 @@ def generate_case(work: Path, kind: str, repeats: int) -> dict:
             **interleaved(variants, repeats)}
 
 
+def heads_case(work: Path, repeats: int) -> dict:
+    """Case (4): the BART case's heads alone on its encoder states, against the encoder pass."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from adl.serve.taps import HeadFeed, feed_layer, finish_heads
+    from adl.train.rundir import load_run
+
+    folder = shaped_backbone(work / "bart-shape", "bart")
+    runs = heads(work, folder, "bart", BART_HEADS, limit=24)
+    tok = AutoTokenizer.from_pretrained(folder)
+    encoder = AutoModelForSeq2SeqLM.from_pretrained(folder).eval().get_encoder()
+    batch, _ = prompts(tok, 8, 256)
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        states = encoder(**batch, output_hidden_states=True).hidden_states
+    feeds = [HeadFeed(load_run(r), "cpu") for r in runs]
+
+    def heads_alone():
+        for f in feeds:
+            f.start()
+        for layer, h in enumerate(states):
+            feed_layer([f for f in feeds if layer in f.active], layer, h, mask)
+        finish_heads(feeds, mask)
+
+    def encoder_pass():
+        with torch.no_grad():
+            encoder(**batch)
+
+    heads_alone()  # warm-up
+    return {"prompts": 8, "prompt_tokens": 256, "heads": len(runs),
+            **interleaved({"encoder pass": lambda: timed(encoder_pass), "heads alone": lambda: timed(heads_alone)},
+                          repeats)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/adl-bench-attach")
     ap.add_argument("--n", type=int, default=2000, help="tweets encoded in case (1)")
     ap.add_argument("--repeats", type=int, default=4)
-    ap.add_argument("--cases", default="encode,bart,gpt2")
+    ap.add_argument("--cases", default="encode,bart,gpt2,bart-heads")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "attach.json"),
+                    help="results file; a case rerun replaces its own entry")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    out = Path(__file__).parent / "results" / "attach.json"
-    result = json.loads(out.read_text()) if out.is_file() else {}  # a case rerun replaces its own entry
+    out = Path(args.out)
     for case in args.cases.split(","):
         print(f"case {case}", flush=True)
         before = os.getloadavg()
         entry = encode_case(work, args.n, args.repeats) if case == "encode" else \
-            generate_case(work, case, args.repeats)
-        result[case] = {**entry, "threads": torch.get_num_threads(), "repeats": args.repeats,
-                        "load_average_before": before, "load_average_after": os.getloadavg(),
-                        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-        print(json.dumps(result[case], indent=1), flush=True)
+            heads_case(work, args.repeats) if case == "bart-heads" else generate_case(work, case, args.repeats)
+        entry = {**entry, "threads": torch.get_num_threads(), "repeats": args.repeats,
+                 "load_average_before": before, "load_average_after": os.getloadavg(),
+                 "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        print(json.dumps(entry, indent=1), flush=True)
+        # read again at each write: a case rerun replaces its own entry, and runs of other cases at once keep theirs
+        result = {**(json.loads(out.read_text()) if out.is_file() else {}), case: entry}
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {out}", flush=True)
 
