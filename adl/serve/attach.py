@@ -20,6 +20,10 @@ Rows are right-aligned before the heads see them (left-padded prompts: ``last`` 
 real token, masks cover the real tokens), and heads, pooling and projection run outside the
 caller's autocast and autograd, as extraction computed them.
 
+Token (NER) heads read the caller's own tokens. Where a row's text is known, its entities are
+spans of the text's whitespace-separated words, as ``Predictor`` decodes a raw text
+(``adl.serve.words``); a row whose tokens are not extraction's for those words says so.
+
 Threads: hooks run in the thread that calls the model, so every thread has its own rows and
 its own head state; ``results()`` returns the calling thread's rows.
 """
