@@ -58,7 +58,7 @@ def _token_split(rng, n):
 
 def write_synthetic_cache(root, *, task="sequence", n=(96, 48, 48), layers=4, dim=8, signal_layer=2,
                           strength=1.5, n_classes=2, views=("pooled:mean", "tokens"), dataset="toy", seed=0,
-                          projection=None, fmt="zarr"):
+                          projection=None, fmt="zarr", dtype="float16"):
     """Write a finished cache at ``root`` (splits train/validation/test with sizes ``n``); return root."""
     rng = np.random.default_rng(seed)
     names = TAGS if task == "token" else [f"class{c}" for c in range(n_classes)]
@@ -74,15 +74,15 @@ def write_synthetic_cache(root, *, task="sequence", n=(96, 48, 48), layers=4, di
     for pool in pools:
         arrays[f"pooled_{pool}"] = ((layers, dim), 16)
     w = ShardWriter(root, fmt)
-    w.create(layouts, arrays, "float16", 16)
+    w.create(layouts, arrays, dtype, 16)
     for split, lay in layouts.items():
         tokens = rng.normal(size=(lay.n_tokens, layers, dim))
         tokens[:, signal_layer] += strength * mu[signals[split]]
         if "tokens" in views:
-            w.write(split, "tokens", 0, tokens.astype(np.float16))
+            w.write(split, "tokens", 0, tokens.astype(dtype))
         pooled = np.add.reduceat(tokens, lay.offsets[:-1], axis=0) / np.diff(lay.offsets)[:, None, None]
         for pool in pools:
-            w.write(split, f"pooled_{pool}", 0, pooled.astype(np.float16))
+            w.write(split, f"pooled_{pool}", 0, pooled.astype(dtype))
         w.commit(split, 1)
     w.finish({s: lay.n for s, lay in layouts.items()})
     w.close()
@@ -90,6 +90,6 @@ def write_synthetic_cache(root, *, task="sequence", n=(96, 48, 48), layers=4, di
         "model": {"id": "synthetic"}, "tokenizer": {"max_length": 32}, "dataset": {"name": dataset},
         "task": task, "label_names": names, "splits": {s: {"n": lay.n, "labeled": True} for s, lay in layouts.items()},
         "layers": list(range(layers)), "views": list(views), "hidden_size": dim, "token_dim": dim,
-        "dtype": "float16", "format": fmt, "projection": projection,
+        "dtype": dtype, "format": fmt, "projection": projection,
     })
     return root

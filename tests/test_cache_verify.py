@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from synthetic import write_synthetic_cache
 
@@ -106,6 +107,14 @@ def test_nan_or_inf_in_any_split_is_one_error_naming_split_and_layer(tmp_path, s
     poison(root, split, 2, value)
     with pytest.raises(AdlError, match=f"split '{split}' of the cache holds NaN or inf in layer 2 of the pooled:mean"):
         load_data(open_cache(root), "pooled:mean", device="cpu", seed=0, memory_gb=1.0)
+
+
+def test_finite_values_whose_sum_overflows_float32_are_data(tmp_path):
+    root = write_synthetic_cache(tmp_path / "c", dtype="float32")
+    poison(root, "train", 2, 3e38)
+    poison(root, "train", 3, 3e38)  # two huge finite values: their float32 sum is inf
+    data = load_data(open_cache(root), "pooled:mean", device="cpu", seed=0, memory_gb=1.0)
+    assert bool(torch.isfinite(data.train.x).all()) and float(data.train.x.max()) == pytest.approx(3e38, rel=1e-6)
 
 
 @pytest.mark.parametrize("memory_gb", [1.0, 1e-6])  # loaded whole, and streamed block by block
