@@ -20,9 +20,15 @@ SECRET = "not-a-real-secret-0123456789"
 
 
 def serve():
-    """-> (server, env): call server.stop() when done."""
+    """-> (server, env): call server.stop() when done.
+
+    Each server has a port of its own, so s3fs's instance cache (filesystems keyed by their
+    arguments, not by the AWS_ENDPOINT_URL they read) is cleared first: a filesystem an earlier
+    test made in this process would still talk to that test's stopped server."""
+    import s3fs
     from moto.server import ThreadedMotoServer
 
+    s3fs.S3FileSystem.clear_instance_cache()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
