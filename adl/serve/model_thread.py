@@ -20,7 +20,7 @@ class ModelThread(Executor):
     gets a team of threads of its own, and once a process holds more OpenMP threads than cores,
     libgomp stops spin-waiting between regions and puts its threads to sleep after each one. A
     model loaded and warmed on the main thread, then run on a worker, made every single-text
-    call about twice as slow on 2 cores (33 ms against 15-24 ms, MiniLM; docs/serve.md).
+    call much slower on 2 cores (measured in docs/serve.md).
 
     Why not a ThreadPoolExecutor: its threads are joined at interpreter exit, so a forward that
     hangs would keep a server that was told to stop from ever exiting. This thread is a daemon."""

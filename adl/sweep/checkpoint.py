@@ -51,11 +51,6 @@ def new_location(root) -> str:
     return f"{str(root).rstrip('/')}/{name}" if is_url(root) else str((Path(root) / name).resolve())
 
 
-def shown(location: str) -> str:
-    """``location`` for a message (an URL's credentials masked)."""
-    return mask(location)
-
-
 def _split(location: str) -> tuple[Location, str]:
     parent, _, name = location.rpartition("/")
     return Location(parent), name
@@ -116,7 +111,7 @@ def encode(payload: dict) -> bytes:
 
 def decode(data: bytes, location: str) -> dict:
     """The payload of ``encode``; CheckpointDamaged (naming ``location``) when it does not check."""
-    where = shown(location)
+    where = mask(location)  # a URL's credentials never reach a message
     if len(data) < len(MAGIC) + 32 or not data.startswith(MAGIC):
         raise CheckpointDamaged(f"checkpoint {where} is damaged (truncated to {len(data)} bytes or not a "
                                 "checkpoint)")

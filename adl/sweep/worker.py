@@ -23,7 +23,7 @@ from rich.console import Console
 
 from adl import __version__
 from adl.cache import open_cache, write_json
-from adl.cache.location import is_url
+from adl.cache.location import is_url, mask
 from adl.errors import AdlError
 from adl.sweep.config import SweepConfig, SweepSpace
 from adl.sweep import checkpoint
@@ -161,7 +161,7 @@ class Worker:
             self.console.print(f"resuming {_resumable(jobs, payload['state'])} configuration(s) of a stopped worker's "
                                f"group from epoch {payload['epoch']}" +
                                (f" ({told} told before it stopped train along)" if told else "") +
-                               f"; checkpoint {checkpoint.shown(resume.location)}", highlight=False, soft_wrap=True)
+                               f"; checkpoint {mask(resume.location)}", highlight=False, soft_wrap=True)
         self._train(jobs, set(), resume=(resume.location, payload))
         self._settle(resume.trials)
 
@@ -171,7 +171,7 @@ class Worker:
             payload = checkpoint.read(location)
             if payload is not None and (payload.get("digest") != self.cfg.digest() or
                                         payload.get("jobs") != [j.point for j in jobs]):
-                raise checkpoint.CheckpointDamaged(f"checkpoint {checkpoint.shown(location)} is not this group's")
+                raise checkpoint.CheckpointDamaged(f"checkpoint {mask(location)} is not this group's")
         except checkpoint.CheckpointDamaged as e:
             self.console.print(f"warning: {e}; starting its {len(jobs)} configuration(s) from scratch",
                                highlight=False, soft_wrap=True)
@@ -179,7 +179,7 @@ class Worker:
         if payload is None:
             where = "" if is_url(location) else " (or it is on another machine's disk: give every worker " \
                 "--checkpoints with a URL or a folder they all reach)"
-            self.console.print(f"no checkpoint of a stopped worker's group at {checkpoint.shown(location)}: none was "
+            self.console.print(f"no checkpoint of a stopped worker's group at {mask(location)}: none was "
                                f"written yet{where}; starting its {len(jobs)} configuration(s) from scratch",
                                highlight=False, soft_wrap=True)
         return payload
@@ -355,7 +355,7 @@ def run_sweep(cfg: SweepConfig, *, console: Console | None = None) -> dict:
                                     "study": study.study.study_name, "cache": str(cache.root),
                                     "definition": cfg.definition(), "digest": cfg.digest(),
                                     "train_limit": cfg.fixed.train_limit,
-                                    "checkpoints": checkpoint.shown(cfg.checkpoint_root()),
+                                    "checkpoints": mask(cfg.checkpoint_root()),
                                     "adl_version": __version__})
     if cfg.checkpoints is None and not study.url.startswith(("sqlite:", "journal:")):
         console.print(f"note: group checkpoints go to {cfg.checkpoint_root()} on this machine; a worker on another "
