@@ -169,3 +169,38 @@ def test_fp16_autocast_steps_through_a_grad_scaler(monkeypatch):
     data = type("Data", (), {"pad": 0})()
     loop.PeerLearner(torch.nn.Linear(2, 2), data, cfg, DevicePlan("cuda:0", torch.float16, True))
     assert asked == [("cuda", torch.float16)] and needs_scaler(*asked[0])  # a peer under fp16 gets a scaler
+
+
+def test_patience_counts_from_the_first_score_above_zero(seq_cache, monkeypatch):
+    """A slow start (validation score 0 for the first epochs, as NER fine-tuning at a low lr shows)
+    is not a plateau: patience runs from the first epoch scoring above 0."""
+    cfg, data, head = _setup(seq_cache, head="adalayers-pooled", patience=2, max_epochs=9, lr_patience=None)
+    real, epochs = trainer.score, {"n": 0}
+
+    def slow_start(pred, split, names):
+        metrics = real(pred, split, names)
+        if split is data.validation:
+            epochs["n"] += 1
+            metrics["accuracy"] = 0.0 if epochs["n"] <= 4 else 0.5 + 0.01 * (epochs["n"] == 5)
+        return metrics
+
+    monkeypatch.setattr(trainer, "score", slow_start)
+    result = fit(head, data, cfg)
+    # epochs 1-4 score 0 (no stop at epoch 3), epoch 5 is the best, 6 and 7 are not better: stop at 7
+    assert (result.best_epoch, len(result.history)) == (5, 7)
+    assert result.stop_reason.startswith("early stop")
+
+
+def test_a_score_that_never_leaves_zero_trains_to_max_epochs(seq_cache, monkeypatch):
+    cfg, data, head = _setup(seq_cache, head="adalayers-pooled", patience=2, max_epochs=6, lr_patience=None)
+    real = trainer.score
+
+    def zero(pred, split, names):
+        metrics = real(pred, split, names)
+        if split is data.validation:
+            metrics["accuracy"] = 0.0
+        return metrics
+
+    monkeypatch.setattr(trainer, "score", zero)
+    result = fit(head, data, cfg)
+    assert (result.best_epoch, len(result.history), result.stop_reason) == (1, 6, "max_epochs")

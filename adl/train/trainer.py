@@ -8,7 +8,10 @@ for a vectorised group of configurations (adl.sweep.group) alike.
 AdamW with the layer logits (``mix.p``, scalar-mix ``s``) in a group without weight decay
 (decay would pull the mix back to uniform); ReduceLROnPlateau(factor 0.5, patience
 lr_patience) on the validation selection metric; early stopping after ``patience`` epochs
-without improvement; the best epoch's weights are restored and the test split is scored once.
+without improvement, counted from the first epoch that scores above 0 (a model that finds no
+entity, F1 0, has not started to learn: a slow start, such as fine-tuning at lr 2e-5 on NER,
+trains on to ``max_epochs`` instead of stopping at a useless epoch 1); the best epoch's weights
+are restored and the test split is scored once.
 
 Selection metric (metrics.selection_metric): sequence tasks -> accuracy (MCC and macro-F1 are
 reported too); token tasks -> entity-level F1 over words (first sub-token of each word,
@@ -292,7 +295,7 @@ def fit_all(learner: Learner, data: TrainData, cfgs: list, heads: list[nn.Module
     its lr), write the history row, keep a copy of
     the best state (then ``on_best(i, epoch)``), then ``on_epoch(i, row)``: returning True stops
     configuration i ("pruned"). A configuration stops after ``patience`` epochs without a better
-    validation score, at its ``max_epochs``, or when its loss is not finite (its result is then a
+    validation score (once one is above 0), at its ``max_epochs``, or when its loss is not finite (its result is then a
     TrainingDiverged). A configuration that stops is finished at once, while the others train
     on: its best state is restored, the test split scored, and ``on_done(i, result)`` called.
     ``seconds`` (per row and in total) is the wall time divided by the configurations sharing it.
@@ -318,7 +321,7 @@ def fit_all(learner: Learner, data: TrainData, cfgs: list, heads: list[nn.Module
                 continue
             if on_epoch is not None and on_epoch(r, loop.history[r][-1]):
                 loop.stop[r] = "pruned"
-            elif epoch - loop.best_epoch[r] >= cfgs[r].patience:
+            elif loop.best[r] > 0 and epoch - loop.best_epoch[r] >= cfgs[r].patience:
                 loop.stop[r] = f"early stop: no better validation {loop.metric} for {cfgs[r].patience} epochs"
             elif epoch >= cfgs[r].max_epochs:
                 loop.stop[r] = "max_epochs"
