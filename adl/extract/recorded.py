@@ -49,13 +49,14 @@ class RecordedBackbone:
         return load_tokenizer(self.model_id, task, self.trust_remote_code, self.info.revision)
 
 
-def check_tokenizer(manifest: dict, tokenizer, whose: str) -> None:
-    """AdlError (one line naming the field) when ``tokenizer`` is not the one the cache recorded in
-    ``manifest`` was extracted with: its fingerprint (``tokenizer_hash``: vocabulary, merges,
-    normaliser, special tokens, options) must equal ``tokenizer.sha256``. ``tokenizer`` must be
-    loaded for the manifest's task. Manifests from before the fingerprint was recorded pass."""
+def check_tokenizer(manifest: dict, fingerprint: str, whose: str) -> None:
+    """AdlError (one line naming the field) when a tokenizer's ``fingerprint``
+    (``tokenizer_hash``: vocabulary, merges, normaliser, special tokens, options) differs from
+    ``tokenizer.sha256``, the one the cache recorded in ``manifest`` was extracted with. The
+    tokenizer must be loaded for the manifest's task. Manifests from before the fingerprint was
+    recorded pass. The caller hashes once per tokenizer: a hash costs a ``save_pretrained``."""
     recorded = manifest.get("tokenizer", {}).get("sha256")
-    if recorded is not None and tokenizer_hash(tokenizer) != recorded:
+    if recorded is not None and fingerprint != recorded:
         raise AdlError(f"the tokenizer of {manifest['model']['id']} is not the one {whose} was extracted with "
                        "(tokenizer.sha256 differs: its vocabulary, normaliser or options changed): install or point "
                        "to the same tokenizer, or re-extract and retrain")

@@ -93,10 +93,12 @@ def run_extract(cfg: ExtractConfig) -> dict | None:
         if state == "complete":
             console.print(f"{escape(str(root))} is already complete; nothing to do (pass --overwrite to extract again)")
             return read_manifest(root)
-        return _run(cfg, root, state, shard, num_shards, ds, info, device, tok, hf_config, console, start)
+        return _run(cfg, root, state, shard, num_shards, ds, info, device, tok, ident["tokenizer"], hf_config,
+                    console, start)
 
 
-def _run(cfg, root, state, shard, num_shards, ds, info, device, tok, hf_config, console, start) -> dict | None:
+def _run(cfg, root, state, shard, num_shards, ds, info, device, tok, tok_ident, hf_config, console,
+         start) -> dict | None:
     max_length, warning = models.resolve_max_length(cfg.max_length, models.model_limit(tok, hf_config))
     if warning:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
@@ -119,7 +121,8 @@ def _run(cfg, root, state, shard, num_shards, ds, info, device, tok, hf_config, 
     outputs = Outputs(layers, resolved["pools"] if "pooled" in resolved["views"] else [],
                       "tokens" in resolved["views"], proj, getattr(torch, cfg.dtype))
     loop_seconds = _extract_shard(cfg, root, shard, num_shards, backbone, splits, outputs, pad, console)
-    fields = _manifest_fields(cfg, ds, info, device, tok, splits, resolved, proj, time.perf_counter() - start)
+    fields = _manifest_fields(cfg, ds, info, device, tok, tok_ident, splits, resolved, proj,
+                              time.perf_counter() - start)
     fields["loop_seconds"] = round(loop_seconds, 2)
     with disk_errors(root):
         manifest, wrote = publish(root, num_shards, fields)
@@ -284,7 +287,7 @@ def _progress(console: Console, enabled: bool) -> Progress:
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled)
 
 
-def _manifest_fields(cfg, ds, info, device, tok, splits, resolved, proj, seconds) -> dict:
+def _manifest_fields(cfg, ds, info, device, tok, tok_ident, splits, resolved, proj, seconds) -> dict:
     import transformers
 
     views = [f"pooled:{p}" for p in resolved["pools"]] if "pooled" in resolved["views"] else []
@@ -294,7 +297,7 @@ def _manifest_fields(cfg, ds, info, device, tok, splits, resolved, proj, seconds
                   "family": info.family, "states": info.states, "type": info.model_type,
                   "num_hidden_states": info.num_hidden_states, "trust_remote_code": cfg.trust_remote_code},
         "tokenizer": {"name": str(getattr(tok, "name_or_path", info.id)), "class": type(tok).__name__,
-                      "sha256": models.tokenizer_hash(tok),  # checked where the heads run again (check_tokenizer)
+                      "sha256": tok_ident["sha256"],  # hashed once, for the identity; checked where the heads run again (check_tokenizer)
                       "max_length": resolved["max_length"], "max_length_requested": cfg.max_length,
                       "truncated": {n: ts.truncated for n, ts in splits.items()}},
         "dataset": {"name": ds.name, "spec": ds.spec, "fingerprint": ds.fingerprint, "carving": ds.carving,

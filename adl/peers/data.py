@@ -107,7 +107,7 @@ def load_peer_data(cache, *, reserve: int = 0, backbone: RecordedBackbone | None
     ds = reread_dataset(man, str(cache.root), "re-extract the cache so heads and peers see the same examples")
     backbone = backbone or recorded_backbone(man, f"cache {cache.root}")
     tok = backbone.tokenizer(man["task"])
-    check_tokenizer(man, tok, f"cache {cache.root}")
+    check_tokenizer(man, models.tokenizer_hash(tok), f"cache {cache.root}")
     length = int(man["tokenizer"]["max_length"])
     limit = models.model_limit(tok, backbone.config)
     if reserve and limit is not None and length + reserve > limit:

@@ -111,9 +111,9 @@ class Predictor:
         self.batch_size = int(batch_size or m.get("batch_size") or 32)
         per_row = (m.get("batch_tokens") or 128 * int(m.get("batch_size") or 32)) / int(m.get("batch_size") or 32)
         self.batch_tokens = int(batch_tokens or per_row * self.batch_size)
-        self._tokenizers, self._lock = {}, threading.RLock()
+        self._tokenizers, self._fingerprints, self._lock = {}, {}, threading.RLock()
         for run in self.runs:  # each head's tokenizer must be the one its cache was extracted with
-            check_tokenizer(run.manifest, self.tokenizer(run.task), f"run {run.root}")
+            check_tokenizer(run.manifest, self.fingerprint(run.task), f"run {run.root}")
 
     @property
     def names(self) -> list[str]:
@@ -130,7 +130,7 @@ class Predictor:
         run = load_run(path)
         with self._lock:
             check_same_backbone([*self.runs, run])
-            check_tokenizer(run.manifest, self.tokenizer(run.task), f"run {run.root}")
+            check_tokenizer(run.manifest, self.fingerprint(run.task), f"run {run.root}")
             self.feeds[run.name] = HeadFeed(run, self.plan.device)
             self.runs = [*self.runs, run]
         return run.name
@@ -150,6 +150,13 @@ class Predictor:
             if task not in self._tokenizers:
                 self._tokenizers[task] = self.recorded.tokenizer(task)
             return self._tokenizers[task]
+
+    def fingerprint(self, task: str) -> str:
+        """``tokenizer(task)``'s ``tokenizer_hash``, computed once: every head of that task checks it."""
+        with self._lock:
+            if task not in self._fingerprints:
+                self._fingerprints[task] = models.tokenizer_hash(self.tokenizer(task))
+            return self._fingerprints[task]
 
     # ---- inputs -----------------------------------------------------------------------------
 
